@@ -42,7 +42,10 @@ class _StageDoFn(beam.DoFn):
         for record, outcome in outcomes:
             if isinstance(outcome, Reject):
                 self._count_reason(outcome.reason)
-                yield beam.pvalue.TaggedOutput(REJECTED, Rejection.of(record, self.stage.name, outcome))
+                yield beam.pvalue.TaggedOutput(
+                    REJECTED, Rejection.of(record, self.stage.name, outcome, self.stage.part))
+                if self.stage.part:  # only this part lacks a sample; the record goes on
+                    yield record
             else:
                 self.n_out.inc()
                 self.local["out"] += 1

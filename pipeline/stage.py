@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 class Stage:
     name: str = "stage"
     batch_size: int = 0  # > 0: the Beam wrapper batches elements before calling process_batch
+    # "" : a Reject removes the record from the corpus. A part name ("clue", "dialogue"): a Reject
+    # only means that part has no sample; the record goes on unchanged (its Meta sample stays).
+    part: str = ""
 
     def setup(self) -> None:
         """Load heavy state once per worker. Must be idempotent."""
@@ -46,7 +49,9 @@ def run_stage(stage: Stage, records: Iterable[Record]) -> tuple[list[Record], li
     rejected: list[Rejection] = []
     for record, outcome in iter_outcomes(stage, list(records)):
         if isinstance(outcome, Reject):
-            rejected.append(Rejection.of(record, stage.name, outcome))
+            rejected.append(Rejection.of(record, stage.name, outcome, stage.part))
+            if stage.part:
+                kept.append(record)
         else:
             kept.append(outcome)
     return kept, rejected
