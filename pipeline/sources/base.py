@@ -5,12 +5,13 @@ from typing import Iterable, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.errors import BadArgument
 from pipeline.record import Record, Reject
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
 
-class SourceError(ValueError):
+class SourceError(BadArgument):
     """A bad argument (missing directory, unreadable table): the build stops before any work."""
 
 

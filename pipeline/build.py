@@ -1,0 +1,164 @@
+"""The build job: sources -> stages -> shards, manifest, ledger, report and dataset card.
+
+`build_pipeline` only wires the graph (one small step after another, each through the shared
+`ApplyStage` wrapper); the runner is whatever Beam options say (DirectRunner on a laptop, Dataflow,
+Flink or Spark by flags alone). `run_build` runs it and writes the report and the card.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import outdir, writer
+from pipeline.beam_stage import ApplyStage, stage_metrics
+from pipeline.dedupe import Dedupe
+from pipeline.geocode import GeocodeStage
+from pipeline.image import ImageStage
+from pipeline.meta import MetaStage
+from pipeline.read import ReadStage
+from pipeline.record import Reject, Rejection
+from pipeline.sources import Source, parse_source
+from pipeline.split import AssignSplit
+from pipeline.validate import ValidateStage
+from pipeline.write_parts import WriteParts
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = pa.schema([
+    ("part", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()),
+    ("source", pa.string()), ("input_id", pa.string()), ("lat", pa.float64()), ("lon", pa.float64()),
+    ("continent", pa.string()), ("country_code", pa.string()), ("country", pa.string()),
+    ("sovereign_code", pa.string()), ("admin1", pa.string()), ("admin2", pa.string()),
+    ("city", pa.string()), ("city_id", pa.string()), ("nearest_country_code", pa.string()),
+    ("country_disagreement", pa.bool_()), ("sha256", pa.string()), ("phash", pa.string()),
+    ("width", pa.int64()), ("height", pa.int64()),
+])
+LEDGER_SCHEMA = pa.schema([(name, pa.string()) for name in
+                           ("source", "input_id", "key", "stage", "reason", "detail", "part")])
+SOURCE_REJECTED = "rejected"
+
+
+@dataclass
+class BuildConfig:
+    sources: list[str]
+    out: str
+    parts: tuple[str, ...] = ("meta",)
+    max_side: int = 768
+    max_place_km: float = 50.0
+    coast_km: float = 25.0
+    dedupe_radius: int = 4
+    split_ratios: tuple[float, float, float] = (0.90, 0.05, 0.05)
+    split_link_km: float = 1.0
+    limits: writer.ShardLimits = field(default_factory=writer.ShardLimits)
+    source_options: dict = field(default_factory=dict)
+    fail_writer_after: int | None = None  # crash injection for tests only
+    lvlm_args: object = None  # parsed CLI flags for the LVLM parts (pipeline.llm_parts reads them)
+
+
+def _records_of(unit_pair, sources: dict[str, Source]):
+    spec, unit = unit_pair
+    for record, reject in sources[spec].records(unit):
+        if reject is None:
+            yield record
+        else:
+            yield beam.pvalue.TaggedOutput(SOURCE_REJECTED, Rejection.of(record, "source", reject))
+
+
+def _ledger_row(rejection: Rejection) -> dict:
+    return {name: getattr(rejection, name) for name in LEDGER_SCHEMA.names}
+
+
+def record_stages(config: BuildConfig):
+    """The per-record stages before the global ones (dedupe, split), in order."""
+    return [
+        ReadStage(),
+        ValidateStage(),
+        GeocodeStage(max_place_km=config.max_place_km, coast_km=config.coast_km),
+        ImageStage(max_side=config.max_side),
+    ]
+
+
+def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source]):
+    by_spec = {s.spec: s for s in sources}
+    units = [(s.spec, unit) for s in sources for unit in s.units()]
+    read = (p
+            | "Units" >> beam.Create(units)
+            | "SpreadUnits" >> beam.Reshuffle()  # a unit can be a whole table or shard: spread them
+            | "SourceRecords" >> beam.FlatMap(_records_of, by_spec).with_outputs(SOURCE_REJECTED, main="records"))
+    records, rejected = read.records, [read[SOURCE_REJECTED]]
+
+    inputs = ((records, read[SOURCE_REJECTED])
+              | "AllInputs" >> beam.Flatten()
+              | "InputSource" >> beam.Map(lambda r: r.source)
+              | "CountInputs" >> beam.combiners.Count.PerElement()
+              | "InputList" >> beam.combiners.ToList()
+              | "WriteInputs" >> beam.Map(outdir.write_counts, config.out, outdir.INPUTS_FILE))
+
+    for stage in record_stages(config):
+        records, more = records | stage.name.capitalize() >> ApplyStage(stage)
+        rejected.append(more)
+    records, more = records | "Dedupe" >> Dedupe(radius=config.dedupe_radius)
+    rejected.append(more)
+    records = records | "Split" >> AssignSplit(ratios=config.split_ratios, link_km=config.split_link_km)
+    for stage in sample_stages(config):
+        records, more = records | stage.name.capitalize() >> ApplyStage(stage)
+        rejected.append(more)
+
+    # What reaches the writer, per source and part: with the inputs and the ledger this proves that
+    # no record was lost (inputs = ledger rows for whole records + records at the writer).
+    _ = (records
+         | "PartPresence" >> beam.FlatMap(
+             lambda r, parts: [(r.source, part, getattr(r, part) is not None) for part in parts], config.parts)
+         | "CountPresence" >> beam.combiners.Count.PerElement()
+         | "PresenceList" >> beam.combiners.ToList()
+         | "WritePresence" >> beam.Map(outdir.write_counts, config.out, outdir.PRESENCE_FILE))
+    manifest, write_rejected, _stats = records | "Write" >> WriteParts(
+        config.out, config.parts, config.limits, config.fail_writer_after)
+    rejected.append(write_rejected)
+
+    _ = (manifest | "WriteManifest" >> beam.io.WriteToParquet(
+        outdir.join(config.out, "manifest"), MANIFEST_SCHEMA, file_name_suffix=".parquet",
+        num_shards=1, shard_name_template=""))
+    _ = (tuple(rejected)
+         | "AllRejected" >> beam.Flatten()
+         | "LedgerRows" >> beam.Map(_ledger_row)
+         | "WriteLedger" >> beam.io.WriteToParquet(
+             outdir.join(config.out, "rejected"), LEDGER_SCHEMA, file_name_suffix=".parquet",
+             num_shards=1, shard_name_template=""))
+    return inputs
+
+
+def sample_stages(config: BuildConfig):
+    stages = [MetaStage()] if "meta" in config.parts else []
+    if {"clue", "dialogue"} & set(config.parts):
+        from pipeline.llm_parts import llm_stages  # the LVLM stack loads only when asked for
+        stages += llm_stages(config)
+    return stages
+
+
+def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
+    """Check arguments, run the job, write report.json and README.md; returns the report."""
+    from pipeline import card, report
+
+    sources = [parse_source(spec, config.source_options) for spec in config.sources]
+    for source in sources:
+        source.check()
+    if {"clue", "dialogue"} & set(config.parts):
+        from pipeline.llm_parts import check_llm
+        check_llm(config)
+    outdir.prepare(config.out)
+    options = PipelineOptions(beam_args)
+    with beam.Pipeline(options=options) as p:
+        build_pipeline(p, config, sources)
+    result = p.result if hasattr(p, "result") else None
+    metrics = stage_metrics(result) if result is not None else {}
+    rep = report.build_report(config, metrics)
+    outdir.write_text(outdir.join(config.out, "report.json"), json.dumps(rep, indent=1, sort_keys=True))
+    card.write_card(config, rep)
+    outdir.cleanup_tmp(config.out)
+    return rep

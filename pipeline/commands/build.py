@@ -1,0 +1,101 @@
+"""`mg-geo build`: sources in, corpus out. Flags it does not know go to Beam's PipelineOptions."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline import writer
+
+log = logging.getLogger("pipeline.build")
+
+
+def _ratios(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"split ratios must be three numbers like 0.9,0.05,0.05, got {text!r}")
+    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"split ratios must be three non-negative numbers summing to 1, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in parts if p not in writer.PARTS]
+    if not parts or unknown:
+        raise argparse.ArgumentTypeError(f"--parts takes a comma list of {', '.join(writer.PARTS)}; got {text!r}")
+    return tuple(p for p in writer.PARTS if p in parts)  # canonical order
+
+
+def register(sub) -> None:
+    p = sub.add_parser("build", help="build the corpus (WebDataset shards) from geotagged images",
+                       description="Build the MG-Geo corpus. Unknown flags (--runner, --direct_num_workers, "
+                       "--direct_running_mode, --setup_file, --temp_location ...) go to Apache Beam.")
+    p.add_argument("--source", action="append", required=True, metavar="KIND:LOCATION",
+                   help="exif:DIR, table:FILE (csv/tsv/parquet/jsonl) or wds:PATTERN; repeat to mix")
+    p.add_argument("--out", required=True, help="output directory (local or gs://)")
+    p.add_argument("--parts", type=_parts, default=("meta",), help="comma list of meta,clue,dialogue (default meta)")
+    p.add_argument("--max-side", type=int, default=768, help="longer image side after resizing (default 768)")
+    p.add_argument("--max-place-km", type=float, default=50.0,
+                   help="reject points farther than this from any geocoder place and from land (default 50)")
+    p.add_argument("--coast-km", type=float, default=25.0,
+                   help="points outside every country polygon take the nearest one within this distance (default 25)")
+    p.add_argument("--dedupe-radius", type=int, default=4, help="perceptual-hash Hamming radius for near duplicates (default 4)")
+    p.add_argument("--split-ratios", type=_ratios, default=(0.90, 0.05, 0.05), help="train,val,test (default 0.9,0.05,0.05)")
+    p.add_argument("--split-link-km", type=float, default=1.0,
+                   help="photos closer than this always share a split (default 1 km)")
+    p.add_argument("--shard-max-samples", type=_positive, default=writer.ShardLimits.max_samples,
+                   help="samples per shard at most (default %(default)s)")
+    p.add_argument("--shard-max-bytes", type=_positive, default=writer.ShardLimits.max_bytes,
+                   help="bytes per shard at most (default %(default)s)")
+    p.add_argument("--image-column", help="table/wds: image column (auto-detected by default)")
+    p.add_argument("--lat-column", help="table/wds: latitude column (auto: lat, latitude)")
+    p.add_argument("--lon-column", help="table/wds: longitude column (auto: lon, lng, longitude)")
+    p.add_argument("--id-column", help="table: id column (auto: id, key, image_id)")
+    try:
+        from pipeline.lvlm.options import add_lvlm_arguments
+        from pipeline.llm_parts import add_part_arguments
+    except ImportError:  # the LVLM stack is optional for a meta-only build
+        pass
+    else:
+        add_lvlm_arguments(p)
+        add_part_arguments(p)
+    p.set_defaults(func=run, accepts_extra=True)
+
+
+def config_from_args(args):
+    from pipeline.build import BuildConfig
+
+    source_options = {k: getattr(args, k) for k in ("image_column", "lat_column", "lon_column", "id_column")
+                      if getattr(args, k, None)}
+    return BuildConfig(
+        sources=args.source, out=args.out.rstrip("/") or "/", parts=args.parts, max_side=args.max_side,
+        max_place_km=args.max_place_km, coast_km=args.coast_km, dedupe_radius=args.dedupe_radius,
+        split_ratios=args.split_ratios, split_link_km=args.split_link_km,
+        limits=writer.ShardLimits(args.shard_max_samples, args.shard_max_bytes),
+        source_options=source_options, lvlm_args=args)
+
+
+def run(args) -> int:
+    from pipeline.build import run_build
+    from pipeline.errors import BadArgument
+
+    try:
+        config = config_from_args(args)
+        report = run_build(config, args.extra)
+    except BadArgument as exc:
+        # A bad argument: one clear message, no traceback, nothing built.
+        print(f"mg-geo build: error: {exc}", file=sys.stderr)
+        return 2
+    summary = {"out": config.out, "inputs": report["inputs_total"], "samples": report["samples"],
+               "rejected": report["rejected_total"], "conservation_ok": report["conservation_ok"]}
+    print(json.dumps(summary, indent=1))
+    return 0 if report["conservation_ok"] else 1

@@ -1,0 +1,172 @@
+"""`wds:PATTERN` — WebDataset shards as img2dataset writes them: KEY.jpg + KEY.json (+ KEY.txt).
+
+PATTERN is a brace pattern (`/data/{00000..00009}.tar`), a glob (`/data/*.tar`) or both; each
+shard is one unit. Coordinates come from the json (img2dataset's `save_additional_columns`).
+Tar members are grouped into samples by webdataset's own iterators, so keys split exactly as
+every webdataset reader splits them.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from typing import Optional
+
+import braceexpand
+from apache_beam.io.filesystems import FileSystems
+from webdataset import tariterators
+
+from pipeline.record import Record, Reject, make_key
+from pipeline.sources.base import IMAGE_EXTENSIONS, Source, SourceError, relative_to
+from pipeline.sources.table import LAT_COLUMNS, LON_COLUMNS, value_text
+
+IMAGE_SUFFIXES = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # preference order
+_GLOB = re.compile(r"[*?\[]")
+_TAR_NAME = re.compile(r"\.(tar(\.[a-z0-9]+)?|tgz)$", re.IGNORECASE)
+_BLOCK = 512
+
+
+class _TailTracker:
+    """Passes reads through and remembers the last tar block of the file.
+
+    Python's tarfile, in the stream mode webdataset uses, ends quietly when the file stops at (or
+    inside) a member header, so a shard cut short by a killed writer would read as a shorter good
+    shard. Every tar writer ends the archive with zero blocks; a file whose last block is not zero
+    was truncated."""
+
+    def __init__(self, handle, name: str):
+        self.handle = handle
+        self.name = name
+        self.size = 0
+        self.tail = b""
+
+    def read(self, size=-1):
+        data = self.handle.read(size)
+        self.size += len(data)
+        self.tail = (self.tail + data)[-_BLOCK:]
+        return data
+
+    def ends_with_end_marker(self) -> bool:
+        while self.read(1 << 20):
+            pass  # tarfile stops at the first end block; what follows it is padding
+        return self.size >= _BLOCK and self.tail == bytes(_BLOCK)
+
+    def __repr__(self):  # webdataset appends the stream to its error messages
+        return self.name
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _json_key(meta: dict, explicit: Optional[str], candidates: tuple[str, ...]) -> Optional[str]:
+    """The json key holding a coordinate with a value, or None. img2dataset writes a column it
+    could not fill as null, so an empty value counts as absent."""
+    lowered = {k.lower(): k for k in meta}
+    names = [explicit] if explicit else [lowered[c] for c in candidates if c in lowered]
+    return next((k for k in names if meta.get(k) not in (None, "")), None)
+
+
+class WdsSource(Source):
+    """Options: lat_column, lon_column (json keys; default lat/latitude and lon/lng/long/longitude)."""
+    kind = "wds"
+
+    def _match(self) -> tuple[list[str], list[str], list[str]]:
+        """(shard paths, brace-expanded literal paths that do not exist, globbed non-tar files)."""
+        shards, missing, skipped = set(), [], []
+        for pattern in braceexpand.braceexpand(self.location):
+            found = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+            if not _GLOB.search(pattern):
+                if not found:
+                    missing.append(pattern)
+                shards.update(found)
+                continue
+            # img2dataset writes NNNNN.parquet and NNNNN_stats.json beside the tars; a glob like
+            # /data/* means the tars.
+            for path in found:
+                if _TAR_NAME.search(path):
+                    shards.add(path)
+                else:
+                    skipped.append(path)
+        return sorted(shards), missing, skipped
+
+    def check(self):
+        try:
+            shards, missing, skipped = self._match()
+        except Exception as exc:  # noqa: BLE001 - bad brace syntax, unknown filesystem scheme
+            raise SourceError(f"wds pattern {self.location!r} cannot be expanded: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if missing:
+            raise SourceError(f"wds pattern {self.location!r}: {len(missing)} shard(s) do not exist, "
+                              f"e.g. {missing[:3]}")
+        if not shards:
+            extra = f" (only non-tar files, e.g. {skipped[:3]})" if skipped else ""
+            raise SourceError(f"wds pattern {self.location!r} matches no tar shard{extra}")
+
+    def units(self):
+        yield from self._match()[0]
+
+    def _root(self) -> str:
+        # Shards are named relative to the pattern's fixed folder, so shards with one basename in
+        # two folders (/data/a/00000.tar, /data/b/00000.tar) keep distinct input ids.
+        fixed = re.split(r"[*?\[{]", self.location, maxsplit=1)[0]
+        return posixpath.dirname(fixed) if "/" in fixed else ""
+
+    def records(self, shard):
+        name = relative_to(self._root(), shard)
+        done = 0
+        held = None  # the last sample is complete only if the shard ends cleanly
+        try:
+            with FileSystems.open(shard) as handle:  # AUTO: .tar.gz shards are gunzipped
+                stream = _TailTracker(handle, shard)
+                files = tariterators.tar_file_expander([{"url": shard, "stream": stream}])
+                for sample in tariterators.group_by_keys(files):
+                    if held is not None:
+                        yield self._sample_record(name, held)
+                        done += 1
+                    held = sample
+                if not stream.ends_with_end_marker():
+                    raise _Truncated("the shard ends without the tar end-of-archive blocks; the "
+                                     f"last sample read ({held['__key__'] if held else 'none'}) "
+                                     "may be incomplete")
+            if held is not None:
+                yield self._sample_record(name, held)
+        except Exception as exc:  # noqa: BLE001 - a broken shard is a ledger row, not a failed job
+            if held is not None and not isinstance(exc, _Truncated):
+                # An error inside the tar means a later key had begun: the held sample is whole.
+                yield self._sample_record(name, held)
+                done += 1
+            message = str(exc.args[0]) if exc.args else ""
+            input_id = f"{name}#corrupt"
+            yield (Record(key=make_key(self.spec, input_id), source=self.spec, input_id=input_id,
+                          provenance={"shard": shard}),
+                   Reject("shard_corrupt", f"{done} samples read, the rest is lost: "
+                                           f"{type(exc).__name__}: {message}"))
+
+    def _sample_record(self, shard_name: str, sample: dict):
+        input_id = f"{shard_name}/{sample['__key__']}"
+        record = Record(key=make_key(self.spec, input_id), source=self.spec, input_id=input_id)
+        image = next((sample[s] for s in IMAGE_SUFFIXES if s in sample), None)
+        meta, problem = {}, "no json member"
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+                problem = "" if isinstance(meta, dict) else "the json is not an object"
+            except ValueError as exc:
+                problem = f"the json cannot be parsed: {exc}"
+            meta = meta if isinstance(meta, dict) else {}
+        lat_key = _json_key(meta, self.options.get("lat_column"), LAT_COLUMNS)
+        lon_key = _json_key(meta, self.options.get("lon_column"), LON_COLUMNS)
+        provenance = {k: value_text(v) for k, v in meta.items() if k not in (lat_key, lon_key)}
+        if "txt" in sample:
+            provenance["txt"] = value_text(sample["txt"])  # img2dataset's caption
+        record = record.replace(
+            image_bytes=image, provenance=provenance,
+            coords_raw={"kind": "given", "lat": meta.get(lat_key), "lon": meta.get(lon_key)})
+        if image is None:
+            members = sorted(k for k in sample if not k.startswith("__"))
+            return record, Reject("image_missing", f"{input_id}: no image member among {members}")
+        if problem or lat_key is None or lon_key is None:
+            return record, Reject("coords_missing",
+                                  f"{input_id}: {problem or 'the json has no latitude/longitude'}")
+        return record, None

@@ -1,0 +1,147 @@
+"""The Beam side of the writer: records -> shards per (part, split), manifest rows, ledger rows.
+
+Shard numbers are contiguous per (part, split) and deterministic: records are hashed into buckets
+(the bucket count comes from the counted size of each part/split), each bucket is sorted by key
+and cut into shards, and a small global index of all (part, split, bucket, chunk) numbers them in
+order. Only that index (one row per shard) goes through a single worker.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import apache_beam as beam
+import jsonschema
+from apache_beam.metrics import Metrics
+
+from pipeline import writer
+from pipeline.data_files import load_json
+from pipeline.record import Record, Reject, Rejection
+
+log = logging.getLogger(__name__)
+RECORD_SCHEMA = "schemas/record.schema.json"
+
+
+def _bucket(key: str, n: int) -> int:
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") % n
+
+
+def _samples(record: Record, parts):
+    for part in parts:
+        if getattr(record, part) is not None:
+            yield (part, record.split), record
+
+
+def manifest_row(record: Record, part: str, shard: str) -> dict:
+    loc = record.location or {}
+    img = record.image or {}
+    return {
+        "part": part, "split": record.split, "shard": shard, "key": record.key,
+        "source": record.source, "input_id": record.input_id, "lat": record.lat, "lon": record.lon,
+        "continent": loc.get("continent"), "country_code": loc.get("country_code"),
+        "country": loc.get("country"), "sovereign_code": loc.get("sovereign_code"),
+        "admin1": loc.get("admin1"), "admin2": loc.get("admin2"), "city": loc.get("city"),
+        "city_id": loc.get("city_id"), "nearest_country_code": loc.get("nearest_country_code"),
+        "country_disagreement": loc.get("country_disagreement"),
+        "sha256": img.get("sha256"), "phash": img.get("phash"),
+        "width": img.get("width"), "height": img.get("height"),
+    }
+
+
+class _WriteGroups(beam.DoFn):
+    REJECTED = "rejected"
+    STATS = "stats"
+
+    def __init__(self, out: str, limits: writer.ShardLimits, fail_after):
+        self.out, self.limits, self.fail_after = out, limits, fail_after
+
+    def setup(self):
+        self.validator = jsonschema.Draft202012Validator(load_json(RECORD_SCHEMA))
+        self.n_samples = Metrics.counter("mg_geo.write", "samples")
+        self.n_shards = Metrics.counter("mg_geo.write", "shards")
+        self.n_rejected = Metrics.counter("mg_geo.write", "rejected")
+
+    def process(self, element, numbering):
+        (part, split, bucket), records = element
+        by_key = {r.key: r for r in records}
+        chunks = writer.plan_chunks([(k, writer.planned_size(r)) for k, r in by_key.items()], self.limits)
+        for i, keys in enumerate(chunks):
+            path = writer.shard_path(self.out, part, split, numbering[(part, split, bucket, i)])
+            good = []
+            for key in keys:
+                record = by_key[key]
+                problem = self._schema_problem(record, part)
+                if problem:
+                    # Our own defect, not the input's: still one ledger row, never a lost record.
+                    self.n_rejected.inc()
+                    yield beam.pvalue.TaggedOutput(self.REJECTED, Rejection.of(
+                        record, "write", Reject("schema_invalid", problem), part))
+                else:
+                    good.append(record)
+            if not good:
+                continue
+            stats = writer.write_shard(self.out, path, good, part, self.fail_after)
+            self.n_shards.inc()
+            self.n_samples.inc(len(good))
+            yield beam.pvalue.TaggedOutput(self.STATS, stats)
+            for record in good:
+                yield manifest_row(record, part, stats["shard"])
+
+    def _schema_problem(self, record: Record, part: str) -> str:
+        import json
+        error = jsonschema.exceptions.best_match(
+            self.validator.iter_errors(json.loads(writer.sample_json(record, part))))
+        return f"{'/'.join(map(str, error.absolute_path))}: {error.message}" if error else ""
+
+
+def _sum_pairs(pairs) -> tuple[int, int]:
+    n = size = 0
+    for a, b in pairs:
+        n, size = n + a, size + b
+    return n, size
+
+
+def _chunk_ids(element, limits):
+    (part, split, bucket), records = element
+    sizes = [(r.key, writer.planned_size(r)) for r in records]
+    for i in range(len(writer.plan_chunks(sizes, limits))):
+        yield (part, split, bucket, i)
+
+
+def _number(chunk_ids) -> dict:
+    numbering, next_number = {}, {}
+    for part, split, bucket, i in sorted(chunk_ids):
+        n = next_number.get((part, split), 0)
+        numbering[(part, split, bucket, i)] = n
+        next_number[(part, split)] = n + 1
+    return numbering
+
+
+class WriteParts(beam.PTransform):
+    """records -> (manifest rows, rejections, shard stats)."""
+
+    def __init__(self, out: str, parts, limits: writer.ShardLimits, fail_after=None):
+        super().__init__()
+        self.out, self.parts, self.limits, self.fail_after = out, tuple(parts), limits, fail_after
+
+    def expand(self, records):
+        limits = self.limits
+        samples = records | "BySample" >> beam.FlatMap(_samples, self.parts)
+        sizes = (samples
+                 | "Size" >> beam.Map(lambda kv: (kv[0], (1, writer.planned_size(kv[1]))))
+                 | "SumSizes" >> beam.CombinePerKey(_sum_pairs))
+        buckets = sizes | "Buckets" >> beam.Map(
+            lambda kv: (kv[0], writer.bucket_count(kv[1][0], kv[1][1], limits)))
+        grouped = (samples
+                   | "ToBucket" >> beam.Map(
+                       lambda kv, nb: ((kv[0][0], kv[0][1], _bucket(kv[1].key, nb[kv[0]])), kv[1]),
+                       nb=beam.pvalue.AsDict(buckets))
+                   | "GroupBucket" >> beam.GroupByKey())
+        numbering = (grouped
+                     | "ChunkIds" >> beam.FlatMap(_chunk_ids, limits)
+                     | "AllChunks" >> beam.combiners.ToList()
+                     | "Number" >> beam.Map(_number))
+        result = grouped | "WriteShards" >> beam.ParDo(
+            _WriteGroups(self.out, limits, self.fail_after), beam.pvalue.AsSingleton(numbering)
+        ).with_outputs(_WriteGroups.REJECTED, _WriteGroups.STATS, main="manifest")
+        return result.manifest, result[_WriteGroups.REJECTED], result[_WriteGroups.STATS]

@@ -1,0 +1,112 @@
+"""Shard writing: the corpus as WebDataset tars, `OUT/{part}/{split}/{part}-{split}-NNNNNN.tar`.
+
+Pure functions plan and write one shard; `pipeline.write_parts` wraps them in Beam. A shard is
+written under a temporary name in `OUT/_tmp/` and renamed into place only when complete (as Beam's
+fileio does), so a reader listing `*.tar` never sees half a shard. Its `_stats.json` is written
+after the rename and doubles as the completion marker (as img2dataset's per-shard stats do).
+Members are written with a fixed mtime and sorted keys, so the same input gives byte-identical
+shards on a rerun.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+import webdataset as wds
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.record import SAFE_KEY, Record
+
+PARTS = ("meta", "clue", "dialogue")
+SPLITS = ("train", "val", "test")
+JSON_OVERHEAD = 4096  # bytes a sample's json and tar headers add, for planning before encoding
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    max_samples: int = 5000
+    max_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self):
+        if self.max_samples < 1 or self.max_bytes < 1:
+            raise ValueError("shard limits must be positive")
+
+
+def sample_json(record: Record, part: str) -> bytes:
+    """KEY.json: every field of the record except the bytes, plus the part it was written to."""
+    body = record.to_json()
+    body["part"] = part
+    return json.dumps(body, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def planned_size(record: Record) -> int:
+    return len(record.image_bytes or b"") + JSON_OVERHEAD
+
+
+def bucket_count(n: int, total_bytes: int, limits: ShardLimits) -> int:
+    """How many hash buckets a (part, split) gets. Buckets are filled to ~80% of a shard on average
+    so that the random spread of a hash rarely overflows one (an overflow becomes two shards)."""
+    return max(1, -(-n * 5 // (limits.max_samples * 4)), -(-total_bytes * 5 // (limits.max_bytes * 4)))
+
+
+def plan_chunks(sizes: list[tuple[str, int]], limits: ShardLimits) -> list[list[str]]:
+    """Sorted keys cut into shards that respect both limits. Equal-sized cuts when a bucket must
+    split, so an overflow does not leave a tiny tail shard."""
+    items = sorted(sizes)
+    total = sum(s for _, s in items)
+    n_chunks = max(1, -(-len(items) // limits.max_samples), -(-total // limits.max_bytes))
+    target = -(-total // n_chunks)
+    per = -(-len(items) // n_chunks)
+    chunks, current, current_bytes = [], [], 0
+    for key, size in items:
+        if current and (len(current) >= min(per, limits.max_samples)
+                        or current_bytes + size > min(max(target, size), limits.max_bytes)):
+            chunks.append(current)
+            current, current_bytes = [], 0
+        current.append(key)
+        current_bytes += size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def shard_path(out: str, part: str, split: str, number: int) -> str:
+    return FileSystems.join(out, part, split, f"{part}-{split}-{number:06d}.tar")
+
+
+def _ensure_parent(path: str) -> None:
+    parent = path.rsplit("/", 1)[0]
+    if not FileSystems.exists(parent):
+        try:
+            FileSystems.mkdirs(parent)  # local directories; object stores have no directories
+        except OSError:
+            if not FileSystems.exists(parent):
+                raise
+
+
+def write_shard(out: str, path: str, records: list[Record], part: str, fail_after: int | None = None) -> dict:
+    """Write one complete shard to `path` (via a temporary file) and return its stats.
+
+    `fail_after` exists for the crash test: raise after that many samples, like a worker dying."""
+    tmp = FileSystems.join(out, "_tmp", f"{uuid.uuid4().hex}.tar.partial")
+    total = 0
+    with FileSystems.create(tmp) as stream:
+        writer = wds.TarWriter(stream, mtime=0, encoder=False)
+        for i, record in enumerate(records):
+            if fail_after is not None and i >= fail_after:
+                raise RuntimeError(f"injected writer failure after {fail_after} samples")
+            if not SAFE_KEY.match(record.key):
+                raise ValueError(f"unsafe key {record.key!r} reached the writer")
+            total += writer.write({"__key__": record.key, "jpg": record.image_bytes,
+                                   "json": sample_json(record, part)})
+        writer.close()
+    _ensure_parent(path)
+    FileSystems.rename([tmp], [path])
+    stats = {"shard": path.rsplit("/", 1)[-1], "part": part, "samples": len(records), "bytes": total,
+             "first_key": records[0].key if records else None,
+             "last_key": records[-1].key if records else None}
+    marker = path[: -len(".tar")] + "_stats.json"
+    with FileSystems.create(marker) as stream:
+        stream.write(json.dumps(stats, indent=1, sort_keys=True).encode())
+    return stats

@@ -1,0 +1,248 @@
+"""Dedupe: banding finds every pair within the radius, components keep one deterministic image,
+real re-encoded copies are caught and distinct photos are not, and Beam matches the reference."""
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from pathlib import Path
+
+import apache_beam as beam
+import imagehash
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from pipeline.beam_stage import stage_metrics
+from pipeline.dedupe import (Dedupe, ImageInfo, band_keys, band_layout, dedupe_records,
+                             edges_in_group, find_duplicates, image_info, resolve)
+from pipeline.record import Record
+from pipeline.unionfind import UnionFind
+
+GPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "exif-samples" / "gps"
+
+
+def hamming(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+def flip(value: int, n_bits: int, rng: random.Random) -> int:
+    for bit in rng.sample(range(64), n_bits):
+        value ^= 1 << bit
+    return value
+
+
+def make_record(key: str, data: bytes, source: str = "test") -> Record:
+    """A record as the image stage leaves it: facts about the source bytes."""
+    with Image.open(io.BytesIO(data)) as im:
+        width, height = im.size
+        phash = str(imagehash.phash(im))
+    return Record(key=key, source=source, input_id=key + ".jpg", image_bytes=data, lat=1.0, lon=2.0,
+                  image={"sha256": hashlib.sha256(data).hexdigest(), "phash": phash,
+                         "orig_width": width, "orig_height": height})
+
+
+def synthetic(key: str, phash: int, sha: str = "", area: int = 100) -> Record:
+    return Record(key=key, source="test", input_id=key,
+                  image={"sha256": sha or hashlib.sha256(key.encode()).hexdigest(),
+                         "phash": f"{phash:016x}", "orig_width": area, "orig_height": 1})
+
+
+def jpeg(im: Image.Image, quality: int = 60) -> bytes:
+    out = io.BytesIO()
+    im.convert("RGB").save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo_records() -> dict[str, Record]:
+    """Every GPS photo, plus: an exact copy of one under another name, a resized re-encoded
+    copy of another, and a cropped re-encoded copy of a third (a near duplicate whose phash
+    really differs)."""
+    paths = sorted(GPS.glob("*.jpg"))
+    assert len(paths) >= 5, GPS
+    records = {p.stem.lower(): make_record(p.stem.lower(), p.read_bytes()) for p in paths}
+    records["copy_of_0010"] = make_record("copy_of_0010", (GPS / "DSCN0010.jpg").read_bytes())
+    with Image.open(GPS / "DSCN0012.jpg") as im:
+        records["small_0012"] = make_record("small_0012", jpeg(im.resize((320, 240), Image.LANCZOS)))
+    with Image.open(GPS / "DSCN0025.jpg") as im:
+        records["crop_0025"] = make_record("crop_0025", jpeg(im.crop((8, 8, 632, 472))))
+    return records
+
+
+# --- banding -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("radius", [0, 1, 4, 7, 63])
+def test_bands_cover_all_64_bits(radius):
+    layout = band_layout(radius)
+    assert len(layout) == radius + 1
+    assert sum(width for _, width in layout) == 64
+    assert [shift for shift, _ in layout] == [sum(w for _, w in layout[:i]) for i in range(len(layout))]
+
+
+@pytest.mark.parametrize("radius", [-1, 64, 2.5, True, "4"])
+def test_bad_radius_is_refused(radius):
+    with pytest.raises((ValueError, TypeError)):
+        band_layout(radius)
+    with pytest.raises((ValueError, TypeError)):
+        Dedupe(radius=radius)
+
+
+@pytest.mark.parametrize("radius", [0, 2, 4, 8])
+def test_pigeonhole_every_pair_within_radius_shares_a_band(radius):
+    rng = random.Random(radius)
+    for _ in range(500):
+        a = rng.getrandbits(64)
+        b = flip(a, rng.randint(0, radius), rng)
+        assert set(band_keys(f"{a:016x}", radius)) & set(band_keys(b, radius))
+
+
+def test_band_keys_refuses_malformed_hash():
+    for bad in ["abc", "zzzzzzzzzzzzzzzz", None, -1, 1 << 64]:
+        with pytest.raises(ValueError):
+            band_keys(bad, 4)
+
+
+def test_edges_in_group_equals_brute_force():
+    rng = random.Random(1)
+    base = rng.getrandbits(64)
+    hashes = [flip(base, rng.randint(0, 7), rng) for _ in range(120)] + [base] * 5
+    items = [(f"k{i:03d}", h) for i, h in enumerate(hashes)]
+    got = UnionFind(k for k, _ in items)
+    for a, b, d in edges_in_group(items, radius=4):
+        assert d == hamming(dict(items)[a], dict(items)[b]) <= 4
+        got.union(a, b)
+    want = UnionFind(k for k, _ in items)
+    for i, (ka, ha) in enumerate(items):
+        for kb, hb in items[i + 1:]:
+            if hamming(ha, hb) <= 4:
+                want.union(ka, kb)
+    assert sorted(map(sorted, got.components())) == sorted(map(sorted, want.components()))
+
+
+def test_find_duplicates_matches_all_pairs_on_clustered_hashes():
+    """Many clusters of near hashes (some pairs beyond the radius, some exact byte copies):
+    the banded search yields exactly the components of the all-pairs comparison."""
+    rng = random.Random(7)
+    infos = []
+    for c in range(60):
+        centre = rng.getrandbits(64)
+        for m in range(rng.randint(1, 8)):
+            sha = f"sha-{c}" if m < 2 and c % 3 == 0 else f"sha-{c}-{m}"  # some exact copies
+            infos.append(ImageInfo(f"c{c:02d}m{m}", sha, flip(centre, rng.randint(0, 6), rng),
+                                   rng.choice([100, 200, 300])))
+    rejects = find_duplicates(infos, radius=4)
+
+    uf = UnionFind(i.key for i in infos)
+    for i, a in enumerate(infos):
+        for b in infos[i + 1:]:
+            if a.sha256 == b.sha256 or hamming(a.phash, b.phash) <= 4:
+                uf.union(a.key, b.key)
+    by_key = {i.key: i for i in infos}
+    expected_kept = {min(comp, key=lambda k: (-by_key[k].area, k)) for comp in uf.components()}
+    assert set(by_key) - set(rejects) == expected_kept
+    assert len(rejects) == len(infos) - len(uf.components())
+    assert len(rejects) > 50  # the data really has duplicates
+
+
+# --- resolve -------------------------------------------------------------------------------
+
+def test_resolve_keeps_best_rank_per_component():
+    edges = [("a", "b"), ("b", "c"), ("x", "y")]
+    ranks = {"a": (-10, "a"), "b": (-50, "b"), "c": (-50, "c"), "x": (-1, "x"), "y": (-1, "y")}
+    assert resolve(edges, ranks) == {"a": "b", "c": "b", "y": "x"}
+    assert resolve([], ranks) == {}
+
+
+# --- real photos ---------------------------------------------------------------------------
+
+def test_distinct_photos_are_all_kept(photo_records):
+    originals = [r for k, r in photo_records.items() if k.startswith("dscn")]
+    kept, rejected = dedupe_records(originals)
+    assert rejected == [] and len(kept) == len(originals)
+
+
+def test_real_copies_are_found_and_originals_kept(photo_records):
+    small = photo_records["small_0012"].image["phash"]
+    crop = photo_records["crop_0025"].image["phash"]
+    assert 0 < hamming(int(crop, 16), int(photo_records["dscn0025"].image["phash"], 16)) <= 4
+    assert small is not None
+
+    kept, rejected = dedupe_records(photo_records.values())
+    assert len(kept) + len(rejected) == len(photo_records)
+    by_key = {r.key: r for r in rejected}
+    assert set(by_key) == {"dscn0010", "small_0012", "crop_0025"}
+    # exact copy: same area, so the smaller key stays ("copy_of_0010" < "dscn0010")
+    assert by_key["dscn0010"].reason == "duplicate"
+    assert "copy_of_0010" in by_key["dscn0010"].detail
+    # re-encoded copies: the larger original stays
+    assert by_key["small_0012"].reason == "near_duplicate" and "dscn0012" in by_key["small_0012"].detail
+    assert by_key["crop_0025"].reason == "near_duplicate" and "dscn0025" in by_key["crop_0025"].detail
+    assert all(r.stage == "dedupe" and "hamming" in r.detail for r in rejected)
+
+
+def test_chain_is_one_component_with_one_kept():
+    a = 0x0123456789ABCDEF
+    b = a ^ 0b111                 # 3 bits from a
+    c = b ^ (0b111 << 20)         # 3 bits from b, 6 from a: only linked through b
+    records = [synthetic("a", a, area=10), synthetic("b", b, area=30), synthetic("c", c, area=20)]
+    kept, rejected = dedupe_records(records, radius=4)
+    assert [r.key for r in kept] == ["b"]
+    assert {r.key: r.reason for r in rejected} == {"a": "near_duplicate", "c": "near_duplicate"}
+    # c is 3 bits from b, the one kept; a too
+    assert all("kept b" in r.detail and "hamming 3" in r.detail for r in rejected)
+
+    kept, _ = dedupe_records([synthetic("a", a, area=99), synthetic("b", b), synthetic("c", c)])
+    assert [r.key for r in kept] == ["a"]
+    rejected = {r.key: r.detail for r in dedupe_records([synthetic("a", a, area=99), synthetic("b", b),
+                                                         synthetic("c", c)])[1]}
+    assert "hamming 6" in rejected["c"]  # beyond the radius, joined through b
+
+
+def test_radius_is_configurable():
+    a = 0xFFFF0000FFFF0000
+    records = [synthetic("a", a), synthetic("b", a ^ 0b11111)]  # 5 bits apart
+    assert len(dedupe_records(records, radius=4)[1]) == 0
+    assert len(dedupe_records(records, radius=5)[1]) == 1
+
+
+def test_keep_is_independent_of_input_order(photo_records):
+    records = list(photo_records.values())
+    kept0, rejected0 = dedupe_records(records)
+    rng = random.Random(3)
+    for _ in range(5):
+        rng.shuffle(records)
+        kept, rejected = dedupe_records(records)
+        assert {r.key for r in kept} == {r.key for r in kept0}
+        assert set(rejected) == set(rejected0)
+
+
+def test_records_without_hashes_are_kept():
+    records = [Record(key="bare", source="t", input_id="bare"),
+               Record(key="bad", source="t", input_id="bad", image={"phash": "nothex!!nothex!!"}),
+               synthetic("x", 5), synthetic("y", 5)]
+    assert image_info(records[0]) is None and image_info(records[1]) is None
+    kept, rejected = dedupe_records(records)
+    assert [r.key for r in kept] == ["bare", "bad", "x"]
+    assert [r.key for r in rejected] == ["y"]
+
+
+# --- Beam ----------------------------------------------------------------------------------
+
+def test_beam_transform_matches_reference(photo_records):
+    records = list(photo_records.values()) + [synthetic("a", 1 << 40), synthetic("b", (1 << 40) | 3),
+                                              Record(key="bare", source="t", input_id="bare")]
+    want_kept, want_rejected = dedupe_records(records)
+    pipeline = beam.Pipeline(runner="DirectRunner")
+    kept, rejected = pipeline | beam.Create(records) | Dedupe(radius=4)
+    assert_that(kept | beam.Map(lambda r: r.key), equal_to([r.key for r in want_kept]), label="kept")
+    assert_that(rejected, equal_to(want_rejected), label="rejected")
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    counts = stage_metrics(result)["dedupe"]
+    assert counts["in"] == len(records)
+    assert counts["out"] == len(want_kept) and counts["rejected"] == len(want_rejected)
+    assert counts["out"] + counts["rejected"] == counts["in"]
+    assert counts["reason.duplicate"] == 1 and counts["reason.near_duplicate"] == 3
+    assert counts["unhashed"] == 1
