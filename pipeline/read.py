@@ -14,6 +14,7 @@ from pipeline.sources.base import is_url
 from pipeline.stage import Outcome, Stage
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+_BUGS = (AttributeError, NameError, TypeError)
 
 
 class ReadStage(Stage):
@@ -43,10 +44,13 @@ class ReadStage(Stage):
     def _read(self, path: str) -> bytes | Reject:
         # Any filesystem (local, GCS client, unknown scheme) raises its own exception types; all of
         # them mean "this one input could not be read", which is a ledger row, not a failed job.
+        # Errors that mean a bug in this code are not disguised as unreadable inputs.
         try:
             if not FileSystems.exists(path):
                 return Reject("missing_file", f"no file at {path}")
-            size = FileSystems.metadata(path).size_in_bytes
+            size = FileSystems.get_filesystem(path).metadata(path).size_in_bytes
+        except _BUGS:
+            raise
         except Exception as exc:  # noqa: BLE001 - see above
             return Reject("unreadable", f"cannot stat {path}: {type(exc).__name__}: {exc}")
         # Checked before reading so a huge file is never pulled into memory.
@@ -58,6 +62,8 @@ class ReadStage(Stage):
                 data = handle.read(self.max_bytes + 1)  # +1: notice a file that grew after stat
         except FileNotFoundError:
             return Reject("missing_file", f"{path} disappeared before it could be read")
+        except _BUGS:
+            raise
         except Exception as exc:  # noqa: BLE001 - see _read's first comment
             return Reject("unreadable", f"cannot read {path}: {type(exc).__name__}: {exc}")
         if not data:

@@ -16,7 +16,6 @@ import time
 import uuid
 from typing import Optional
 
-from apache_beam.io.filesystemio import BeamIOError  # noqa: F401 - documents what put() swallows
 from apache_beam.io.filesystems import CompressionTypes, FileSystems
 
 from pipeline.lvlm.types import LvlmRequest

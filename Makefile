@@ -1,0 +1,47 @@
+# MG-Geo. `make install`, `make test`, `make build-mg-geo`. Variables:
+#   SOURCES="exif:/photos table:/list.parquet"  (empty: generate the sample set first)
+#   OUT=mg-geo-out  PARTS=meta  BEAM_ARGS="--runner=... "  N=200 (sample size)  TRAIN=1 (train after build)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= mg-geo-out
+SAMPLES ?= mg-geo-samples
+N ?= 200
+PARTS ?= meta
+SOURCES ?=
+BEAM_ARGS ?=
+TRAIN ?=
+TRAIN_ARGS ?=
+TORCH_CPU := torch==2.13.0
+
+.PHONY: install test build-mg-geo samples train-mg-geo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+# The CPU torch goes in first, so the `train` extra's torch range is already met and pip never
+# fetches CUDA wheels.
+install: $(BIN)/python
+	$(BIN)/pip install $(TORCH_CPU)
+	$(BIN)/pip install -e '.[dev,train]'
+
+test:
+	$(BIN)/python -m pytest -q
+
+samples:
+	$(BIN)/mg-geo sample --out $(SAMPLES) --n $(N)
+
+build-mg-geo: $(if $(SOURCES),,samples)
+	$(BIN)/mg-geo build $(foreach s,$(if $(SOURCES),$(SOURCES),exif:$(SAMPLES)),--source $(s)) \
+		--out $(OUT) --parts $(PARTS) $(BEAM_ARGS)
+	$(if $(TRAIN),$(MAKE) train-mg-geo OUT=$(OUT))
+
+train-mg-geo:
+	$(BIN)/mg-geo train --data $(OUT) --output $(OUT)-model $(TRAIN_ARGS)
+
+bench:
+	$(BIN)/python bench/bench_build.py
+
+clean:
+	rm -rf $(OUT) $(SAMPLES) .bench-out
