@@ -91,16 +91,23 @@ def write_shard(out: str, path: str, records: list[Record], part: str, fail_afte
     `fail_after` exists for the crash test: raise after that many samples, like a worker dying."""
     tmp = FileSystems.join(out, "_tmp", f"{uuid.uuid4().hex}.tar.partial")
     total = 0
-    with FileSystems.create(tmp) as stream:
-        writer = wds.TarWriter(stream, mtime=0, encoder=False)
-        for i, record in enumerate(records):
-            if fail_after is not None and i >= fail_after:
-                raise RuntimeError(f"injected writer failure after {fail_after} samples")
-            if not SAFE_KEY.match(record.key):
-                raise ValueError(f"unsafe key {record.key!r} reached the writer")
-            total += writer.write({"__key__": record.key, "jpg": record.image_bytes,
-                                   "json": sample_json(record, part)})
-        writer.close()
+    try:
+        with FileSystems.create(tmp) as stream:
+            writer = wds.TarWriter(stream, mtime=0, encoder=False)
+            try:
+                for i, record in enumerate(records):
+                    if fail_after is not None and i >= fail_after:
+                        raise RuntimeError(f"injected writer failure after {fail_after} samples")
+                    if not SAFE_KEY.match(record.key):
+                        raise ValueError(f"unsafe key {record.key!r} reached the writer")
+                    total += writer.write({"__key__": record.key, "jpg": record.image_bytes,
+                                           "json": sample_json(record, part)})
+            finally:
+                writer.close()  # on failure too: the temporary file is deleted below anyway
+    except BaseException:
+        if FileSystems.exists(tmp):
+            FileSystems.delete([tmp])
+        raise
     _ensure_parent(path)
     FileSystems.rename([tmp], [path])
     stats = {"shard": path.rsplit("/", 1)[-1], "part": part, "samples": len(records), "bytes": total,

@@ -1,0 +1,55 @@
+"""Meta QA: versioned templates, deterministic phrasing, levels follow the labels that exist."""
+from __future__ import annotations
+
+from collections import Counter
+
+from pipeline.meta import MetaStage
+from pipeline.record import Record, Reject, make_key
+from pipeline.stage import run_stage
+
+PARIS = {"continent": "Europe", "country": "France", "country_code": "FR", "admin1": "Ile-de-France",
+         "admin2": "Paris", "city": "Paris"}
+
+
+def _record(i: int, **loc) -> Record:
+    return Record(key=make_key("exif:/x", f"p{i}.jpg"), source="exif:/x", input_id=f"p{i}.jpg",
+                  lat=48.8566, lon=2.3522 if i % 2 else -2.3522, location={**PARIS, **loc})
+
+
+def test_meta_sample_is_chat_format_with_the_hierarchy():
+    stage = MetaStage()
+    kept, rejected = run_stage(stage, [_record(1)])
+    assert not rejected
+    meta = kept[0].meta
+    assert meta["template_version"] == "meta/v1"
+    assert [q["level"] for q in meta["qa"]] == ["country", "region", "city", "coordinates"]
+    msgs = meta["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * 4
+    assert msgs[0]["content"][0] == {"type": "image"}
+    assert sum(part["type"] == "image" for m in msgs for part in m["content"]) == 1
+    answers = " ".join(q["answer"] for q in meta["qa"])
+    for label in ("France", "Europe", "Ile-de-France", "Paris", "48.8566", "2.3522"):
+        assert label in answers
+
+
+def test_missing_admin1_drops_the_region_question_and_southern_west_coordinates_read_right():
+    record = _record(2, admin1="").replace(lat=-33.9, lon=-70.6)
+    meta = run_stage(MetaStage(), [record])[0][0].meta
+    assert "region" not in [q["level"] for q in meta["qa"]]
+    assert "33.9000° S" in meta["qa"][-1]["answer"] or "-33.9000" in meta["qa"][-1]["answer"]
+
+
+def test_phrasing_is_deterministic_and_varied():
+    records = [_record(i) for i in range(200)]
+    first = [r.meta["qa"][0]["question"] for r in run_stage(MetaStage(), records)[0]]
+    again = [r.meta["qa"][0]["question"] for r in run_stage(MetaStage(), records)[0]]
+    assert first == again
+    assert len(Counter(first)) == 4 and min(Counter(first).values()) > 20
+
+
+def test_record_without_location_is_rejected_not_crashed():
+    record = Record(key="x-0123456789ab", source="s", input_id="i")
+    stage = MetaStage()
+    stage.setup()
+    outcome = stage.process(record)
+    assert isinstance(outcome, Reject) and outcome.reason == "meta_no_location"

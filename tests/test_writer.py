@@ -1,0 +1,80 @@
+"""The shard writer: limits, atomic rename, readable by plain webdataset, no bytes in json."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline import writer
+from pipeline.record import Record, make_key
+
+
+def _jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (seed % 256, 10, 20)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _record(i: int) -> Record:
+    key = make_key("exif:/x", f"dir/photo {i}.v2.jpg")
+    return Record(key=key, source="exif:/x", input_id=f"dir/photo {i}.v2.jpg", image_bytes=_jpeg(i),
+                  lat=1.0 + i, lon=2.0, split="train", meta={"messages": []})
+
+
+def test_plan_chunks_respects_both_limits_and_keeps_every_key():
+    sizes = [(f"k{i:03d}", 100 + i) for i in range(250)]
+    limits = writer.ShardLimits(max_samples=40, max_bytes=3000)
+    chunks = writer.plan_chunks(sizes, limits)
+    assert sorted(k for c in chunks for k in c) == sorted(k for k, _ in sizes)
+    size = dict(sizes)
+    for chunk in chunks:
+        assert len(chunk) <= 40
+        assert sum(size[k] for k in chunk) <= 3000
+    # equal cuts: no tiny tail shard
+    assert min(len(c) for c in chunks) >= max(len(c) for c in chunks) // 2
+
+
+def test_plan_chunks_single_oversized_sample_gets_its_own_shard():
+    chunks = writer.plan_chunks([("a", 10), ("b", 5000), ("c", 10)], writer.ShardLimits(10, 100))
+    assert ["b"] in chunks and sorted(sum(chunks, [])) == ["a", "b", "c"]
+
+
+def test_bucket_count_grows_with_data():
+    limits = writer.ShardLimits(max_samples=100, max_bytes=10**9)
+    assert writer.bucket_count(10, 1000, limits) == 1
+    assert writer.bucket_count(1000, 1000, limits) == 13  # ~80 per bucket
+
+
+def test_written_shard_opens_with_plain_webdataset_and_is_deterministic(tmp_path):
+    records = [_record(i) for i in range(5)]
+    path = writer.shard_path(str(tmp_path), "meta", "train", 0)
+    stats = writer.write_shard(str(tmp_path), path, records, "meta")
+    assert stats["samples"] == 5 and path.endswith("meta/train/meta-train-000000.tar")
+    samples = list(wds.WebDataset(path, shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [r.key for r in records]
+    body = json.loads(samples[0]["json"])
+    assert body["part"] == "meta" and "image_bytes" not in body and body["input_id"] == "dir/photo 0.v2.jpg"
+    assert samples[0]["jpg"] == records[0].image_bytes
+    first = open(path, "rb").read()
+    writer.write_shard(str(tmp_path), path, records, "meta")
+    assert open(path, "rb").read() == first  # fixed mtime, sorted members: byte-identical
+    assert json.loads((tmp_path / "meta/train/meta-train-000000_stats.json").read_text())["samples"] == 5
+
+
+def test_crash_mid_shard_leaves_no_readable_shard(tmp_path):
+    records = [_record(i) for i in range(5)]
+    path = writer.shard_path(str(tmp_path), "meta", "train", 0)
+    with pytest.raises(RuntimeError, match="injected"):
+        writer.write_shard(str(tmp_path), path, records, "meta", fail_after=3)
+    assert not list(tmp_path.rglob("*.tar"))
+    assert not list(tmp_path.rglob("*_stats.json"))
+
+
+def test_unsafe_key_never_reaches_a_tar(tmp_path):
+    bad = _record(0).replace(key="../../etc/passwd")
+    with pytest.raises(ValueError, match="unsafe key"):
+        writer.write_shard(str(tmp_path), writer.shard_path(str(tmp_path), "meta", "train", 0), [bad], "meta")
+    assert not list(tmp_path.rglob("*.tar"))
