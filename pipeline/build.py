@@ -141,6 +141,16 @@ def sample_stages(config: BuildConfig):
     return stages
 
 
+def default_runner(beam_args: list[str]):
+    """No --runner given: Beam's in-process FnApiRunner, which honours --direct_num_workers and
+    --direct_running_mode. Plain DirectRunner would first try PrismRunner, which downloads a binary
+    at run time: impossible offline and a surprise on a laptop."""
+    if any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args):
+        return None
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    return FnApiRunner()
+
+
 def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     """Check arguments, run the job, write report.json and README.md; returns the report."""
     from pipeline import card, report
@@ -153,10 +163,9 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
         check_llm(config)
     outdir.prepare(config.out)
     options = PipelineOptions(beam_args)
-    with beam.Pipeline(options=options) as p:
+    with beam.Pipeline(runner=default_runner(beam_args), options=options) as p:
         build_pipeline(p, config, sources)
-    result = p.result if hasattr(p, "result") else None
-    metrics = stage_metrics(result) if result is not None else {}
+    metrics = stage_metrics(p.result)
     rep = report.build_report(config, metrics)
     outdir.write_text(outdir.join(config.out, "report.json"), json.dumps(rep, indent=1, sort_keys=True))
     card.write_card(config, rep)
