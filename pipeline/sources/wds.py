@@ -18,7 +18,7 @@ from webdataset import tariterators
 
 from pipeline.record import Record, Reject, make_key
 from pipeline.sources.base import IMAGE_EXTENSIONS, Source, SourceError, relative_to
-from pipeline.sources.table import LAT_COLUMNS, LON_COLUMNS, value_text
+from pipeline.sources.table import LAT_COLUMNS, LON_COLUMNS, open_decompressed, value_text
 
 IMAGE_SUFFIXES = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # preference order
 _GLOB = re.compile(r"[*?\[]")
@@ -57,6 +57,15 @@ class _TailTracker:
 
 class _Truncated(Exception):
     pass
+
+
+def _members(stream, shard: str, errors: list):
+    """webdataset's tar members until the tar breaks; the error is kept so that the sample being
+    grouped still comes out (group_by_keys would otherwise drop it along with the exception)."""
+    try:
+        yield from tariterators.tar_file_expander([{"url": shard, "stream": stream}])
+    except Exception as exc:  # noqa: BLE001 - reported by the caller as shard_corrupt
+        errors.append(exc)
 
 
 def _json_key(meta: dict, explicit: Optional[str], candidates: tuple[str, ...]) -> Optional[str]:
@@ -114,34 +123,35 @@ class WdsSource(Source):
 
     def records(self, shard):
         name = relative_to(self._root(), shard)
-        done = 0
-        held = None  # the last sample is complete only if the shard ends cleanly
+        done, held, problem = 0, None, None
         try:
-            with FileSystems.open(shard) as handle:  # AUTO: .tar.gz shards are gunzipped
+            with open_decompressed(shard) as handle:  # .tar.gz/.tgz shards are gunzipped
                 stream = _TailTracker(handle, shard)
-                files = tariterators.tar_file_expander([{"url": shard, "stream": stream}])
-                for sample in tariterators.group_by_keys(files):
+                errors: list[Exception] = []
+                for sample in tariterators.group_by_keys(_members(stream, shard, errors)):
                     if held is not None:
                         yield self._sample_record(name, held)
                         done += 1
-                    held = sample
-                if not stream.ends_with_end_marker():
-                    raise _Truncated("the shard ends without the tar end-of-archive blocks; the "
-                                     f"last sample read ({held['__key__'] if held else 'none'}) "
-                                     "may be incomplete")
+                    held = sample  # yielded once the next sample is whole, or the shard ends well
+                if errors:
+                    problem = errors[0]
+                elif not stream.ends_with_end_marker():
+                    problem = _Truncated("the shard ends without the tar end-of-archive blocks")
+        except Exception as exc:  # noqa: BLE001 - a broken shard is a ledger row, not a failed job
+            problem = exc
+        if problem is None:
             if held is not None:
                 yield self._sample_record(name, held)
-        except Exception as exc:  # noqa: BLE001 - a broken shard is a ledger row, not a failed job
-            if held is not None and not isinstance(exc, _Truncated):
-                # An error inside the tar means a later key had begun: the held sample is whole.
-                yield self._sample_record(name, held)
-                done += 1
-            message = str(exc.args[0]) if exc.args else ""
-            input_id = f"{name}#corrupt"
-            yield (Record(key=make_key(self.spec, input_id), source=self.spec, input_id=input_id,
-                          provenance={"shard": shard}),
-                   Reject("shard_corrupt", f"{done} samples read, the rest is lost: "
-                                           f"{type(exc).__name__}: {message}"))
+            return
+        # The sample being read when the shard broke may lack members: it joins the lost rest
+        # rather than reaching the ledger as a misleading image_missing or coords_missing.
+        last = f"; sample {held['__key__']} may be incomplete" if held is not None else ""
+        message = str(problem.args[0]) if problem.args else ""
+        input_id = f"{name}#corrupt"
+        yield (Record(key=make_key(self.spec, input_id), source=self.spec, input_id=input_id,
+                      provenance={"shard": shard}),
+               Reject("shard_corrupt", f"{done} samples read, the rest is lost{last}: "
+                                       f"{type(problem).__name__}: {message}"))
 
     def _sample_record(self, shard_name: str, sample: dict):
         input_id = f"{shard_name}/{sample['__key__']}"
