@@ -19,10 +19,10 @@ GPS_LATITUDE = ExifTags.GPS.GPSLatitude               # 2
 GPS_LONGITUDE_REF = ExifTags.GPS.GPSLongitudeRef      # 3
 GPS_LONGITUDE = ExifTags.GPS.GPSLongitude             # 4
 
-# axis -> (tag of the degrees/minutes/seconds, tag of the hemisphere letter, letters (+, -), limit)
+# axis -> (tag of the degrees/minutes/seconds, tag of the hemisphere letter, letters (+, -))
 _AXES = {
-    "latitude": (GPS_LATITUDE, GPS_LATITUDE_REF, ("N", "S"), 90.0),
-    "longitude": (GPS_LONGITUDE, GPS_LONGITUDE_REF, ("E", "W"), 180.0),
+    "latitude": (GPS_LATITUDE, GPS_LATITUDE_REF, ("N", "S")),
+    "longitude": (GPS_LONGITUDE, GPS_LONGITUDE_REF, ("E", "W")),
 }
 
 
@@ -58,7 +58,8 @@ def gps_from_image_bytes(data: bytes, max_pixels: int) -> tuple[float, float]:
 
 
 def gps_from_ifd(gps: Mapping[int, Any]) -> tuple[float, float]:
-    """(lat, lon) from a GPS IFD as Pillow returns it (tag number -> value)."""
+    """(lat, lon) from a GPS IFD as Pillow returns it (tag number -> value). Ranges are not
+    checked here: validate.check_coordinates does that for every kind of coordinates."""
     has_lat, has_lon = GPS_LATITUDE in gps, GPS_LONGITUDE in gps
     if not has_lat and not has_lon:
         raise GpsError("no_gps", "EXIF has no GPS latitude/longitude tags")
@@ -71,7 +72,7 @@ def gps_from_ifd(gps: Mapping[int, Any]) -> tuple[float, float]:
 
 
 def _axis_degrees(gps: Mapping[int, Any], axis: str) -> float:
-    value_tag, ref_tag, (positive, negative), limit = _AXES[axis]
+    value_tag, ref_tag, (positive, negative) = _AXES[axis]
     raw = gps[value_tag]
     if not isinstance(raw, (tuple, list)) or len(raw) != 3:
         count = len(raw) if isinstance(raw, (tuple, list)) else 1
@@ -81,15 +82,13 @@ def _axis_degrees(gps: Mapping[int, Any], axis: str) -> float:
     if minutes >= 60 or seconds >= 60:
         raise GpsError("gps_malformed", f"GPS {axis} minutes/seconds must be < 60: "
                                         f"{degrees} {minutes}' {seconds}\"")
-    value = degrees + minutes / 60.0 + seconds / 3600.0
-    if value > limit:
-        raise GpsError(f"{'lat' if axis == 'latitude' else 'lon'}_out_of_range",
-                       f"GPS {axis} {value:.6f} is over {limit:g} degrees")
+    value = degrees + minutes / 60.0 + seconds / 3600.0  # range: validate.check_coordinates
     ref = _ref_letter(gps.get(ref_tag))
     if ref is None:
         raise GpsError("gps_malformed", f"GPS {axis} has no {positive}/{negative} reference tag")
     if ref not in (positive, negative):
-        raise GpsError("gps_malformed", f"GPS {axis} reference {ref!r} is not {positive} or {negative}")
+        raise GpsError("gps_malformed",
+                       f"GPS {axis} reference {ref!r} is not {positive} or {negative}")
     return -value if ref == negative else value
 
 

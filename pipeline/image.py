@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 # Pillow itself warns of a decompression bomb. Spelled out so a changed global cannot move it.
 DEFAULT_MAX_PIXELS = 89_478_485
 # Formats a photo corpus can hold. Pillow's plug-ins for other formats (EPS runs Ghostscript, ...)
-# are a needless attack surface for untrusted input. MPO is how Pillow names many phone JPEGs.
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF")
+# are a needless attack surface for untrusted input. (The JPEG opener also returns multi-picture
+# phone JPEGs, whose im.format is "MPO"; "MPO" itself is not an opener name.)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
 _JPEG_FORMATS = ("JPEG", "MPO")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _WHITE = (255, 255, 255)
@@ -133,7 +134,7 @@ class ImageStage(Stage):
         # strongest reduction that still leaves the longer side >= max_side.
         scale = self.max_side / max(im.size)
         if scale <= 0.5:
-            im.draft(im.mode, (max(1, int(im.width * scale + 1)), max(1, int(im.height * scale + 1))))
+            im.draft(im.mode, (int(im.width * scale) + 1, int(im.height * scale) + 1))
 
     @staticmethod
     def _make_upright(im: Image.Image) -> tuple[Image.Image, int]:

@@ -35,7 +35,8 @@ class ReadStage(Stage):
             return Reject("missing_file", "the record has neither image bytes nor an image path")
         if is_url(path):
             return Reject("url_not_downloaded",
-                          f"{path} is a URL; URLs need the download stage first (`mg-geo download`)")
+                          f"{path} is a URL; URLs need the download stage first "
+                          f"(`mg-geo download`)")
         data = self._read(path)
         if isinstance(data, Reject):
             return data
@@ -55,7 +56,8 @@ class ReadStage(Stage):
             return Reject("unreadable", f"cannot stat {path}: {type(exc).__name__}: {exc}")
         # Checked before reading so a huge file is never pulled into memory.
         if size > self.max_bytes:
-            return Reject("too_large", f"{path} has {size} bytes, over the limit of {self.max_bytes}")
+            return Reject("too_large",
+                          f"{path} has {size} bytes, over the limit of {self.max_bytes}")
         try:
             # UNCOMPRESSED: AUTO would silently gunzip a file that happens to be named *.gz.
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:

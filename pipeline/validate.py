@@ -78,7 +78,8 @@ def check_coordinates(lat: float, lon: float) -> None:
 def _number(value: Any, axis: str) -> float:
     if value is None:
         raise GpsError("coords_missing", f"no {axis} value")
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal, str, bytes)):
+    if isinstance(value, bool) or \
+            not isinstance(value, (numbers.Real, decimal.Decimal, str, bytes)):
         raise GpsError("coords_not_numeric", f"{axis} {value!r} is not a number"[:200])
     if isinstance(value, (numbers.Real, decimal.Decimal)):
         try:

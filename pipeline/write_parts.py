@@ -67,10 +67,11 @@ class _WriteGroups(beam.DoFn):
         chunks = writer.plan_chunks([(k, writer.planned_size(r)) for k, r in by_key.items()], self.limits)
         for i, keys in enumerate(chunks):
             path = writer.shard_path(self.out, part, split, numbering[(part, split, bucket, i)])
-            good = []
+            good, encoded = [], {}
             for key in keys:
                 record = by_key[key]
-                problem = self._schema_problem(record, part)
+                body = writer.sample_body(record, part)
+                problem = self._schema_problem(body)
                 if problem:
                     # Our own defect, not the input's: still one ledger row, never a lost record.
                     self.n_rejected.inc()
@@ -78,20 +79,21 @@ class _WriteGroups(beam.DoFn):
                         record, "write", Reject("schema_invalid", problem), part))
                 else:
                     good.append(record)
+                    encoded[key] = writer.encode_json(body)
             if not good:
                 continue
-            stats = writer.write_shard(self.out, path, good, part, self.fail_after)
+            stats = writer.write_shard(self.out, path, good, part, self.fail_after, encoded)
             self.n_shards.inc()
             self.n_samples.inc(len(good))
             yield beam.pvalue.TaggedOutput(self.STATS, stats)
             for record in good:
                 yield manifest_row(record, part, stats["shard"])
 
-    def _schema_problem(self, record: Record, part: str) -> str:
-        import json
-        error = jsonschema.exceptions.best_match(
-            self.validator.iter_errors(json.loads(writer.sample_json(record, part))))
-        return f"{'/'.join(map(str, error.absolute_path))}: {error.message}" if error else ""
+    def _schema_problem(self, body: dict) -> str:
+        if self.validator.is_valid(body):  # the common case; best_match walks the errors again
+            return ""
+        error = jsonschema.exceptions.best_match(self.validator.iter_errors(body))
+        return f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
 
 
 def _sum_pairs(pairs) -> tuple[int, int]:

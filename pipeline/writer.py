@@ -33,11 +33,17 @@ class ShardLimits:
             raise ValueError("shard limits must be positive")
 
 
-def sample_json(record: Record, part: str) -> bytes:
-    """KEY.json: every field of the record except the bytes, plus the part it was written to."""
-    body = record.to_json()
-    body["part"] = part
+def sample_body(record: Record, part: str) -> dict:
+    """KEY.json's content: every field of the record except the bytes, plus the part it is in."""
+    return {**record.to_json(), "part": part}
+
+
+def encode_json(body: dict) -> bytes:
     return json.dumps(body, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def sample_json(record: Record, part: str) -> bytes:
+    return encode_json(sample_body(record, part))
 
 
 def planned_size(record: Record) -> int:
@@ -85,10 +91,12 @@ def _ensure_parent(path: str) -> None:
                 raise
 
 
-def write_shard(out: str, path: str, records: list[Record], part: str, fail_after: int | None = None) -> dict:
+def write_shard(out: str, path: str, records: list[Record], part: str, fail_after: int | None = None,
+                encoded: dict[str, bytes] | None = None) -> dict:
     """Write one complete shard to `path` (via a temporary file) and return its stats.
 
-    `fail_after` exists for the crash test: raise after that many samples, like a worker dying."""
+    `encoded` holds json already made (and checked) by the caller, by key. `fail_after` exists for
+    the crash test: raise after that many samples, like a worker dying."""
     tmp = FileSystems.join(out, "_tmp", f"{uuid.uuid4().hex}.tar.partial")
     total = 0
     try:
@@ -100,8 +108,8 @@ def write_shard(out: str, path: str, records: list[Record], part: str, fail_afte
                         raise RuntimeError(f"injected writer failure after {fail_after} samples")
                     if not SAFE_KEY.match(record.key):
                         raise ValueError(f"unsafe key {record.key!r} reached the writer")
-                    total += writer.write({"__key__": record.key, "jpg": record.image_bytes,
-                                           "json": sample_json(record, part)})
+                    body = encoded[record.key] if encoded else sample_json(record, part)
+                    total += writer.write({"__key__": record.key, "jpg": record.image_bytes, "json": body})
             finally:
                 writer.close()  # on failure too: the temporary file is deleted below anyway
     except BaseException:
