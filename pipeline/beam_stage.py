@@ -59,6 +59,9 @@ class _StageDoFn(beam.DoFn):
         self.n_rejected.inc()
         self.local["rejected"] += 1
 
+    def teardown(self):
+        self.stage.teardown()
+
     def finish_bundle(self):
         # Progress while the job runs (metrics are only queryable from the result afterwards).
         now = time.monotonic()

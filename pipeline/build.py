@@ -105,9 +105,14 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     records, more = records | "Dedupe" >> Dedupe(radius=config.dedupe_radius)
     rejected.append(more)
     records = records | "Split" >> AssignSplit(ratios=config.split_ratios, link_km=config.split_link_km)
-    for stage in sample_stages(config):
-        records, more = records | stage.name.capitalize() >> ApplyStage(stage)
+    if "meta" in config.parts:
+        records, more = records | "Meta" >> ApplyStage(MetaStage())
         rejected.append(more)
+    if {"clue", "dialogue"} & set(config.parts):
+        from pipeline.llm_parts import ApplySelected, llm_stages  # the LVLM stack loads only when asked for
+        for stage, target in llm_stages(config):
+            records, more = records | stage.name.capitalize() >> ApplySelected(stage, target)
+            rejected.append(more)
 
     # What reaches the writer, per source and part: with the inputs and the ledger this proves that
     # no record was lost (inputs = ledger rows for whole records + records at the writer).
@@ -131,14 +136,6 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
              outdir.join(config.out, "rejected"), LEDGER_SCHEMA, file_name_suffix=".parquet",
              num_shards=1, shard_name_template=""))
     return inputs
-
-
-def sample_stages(config: BuildConfig):
-    stages = [MetaStage()] if "meta" in config.parts else []
-    if {"clue", "dialogue"} & set(config.parts):
-        from pipeline.llm_parts import llm_stages  # the LVLM stack loads only when asked for
-        stages += llm_stages(config)
-    return stages
 
 
 def default_runner(beam_args: list[str]):
@@ -167,6 +164,9 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
         build_pipeline(p, config, sources)
     metrics = stage_metrics(p.result)
     rep = report.build_report(config, metrics)
+    if {"clue", "dialogue"} & set(config.parts):
+        from pipeline.llm_parts import read_backend_stats
+        rep["lvlm"] = read_backend_stats(config.out)
     outdir.write_text(outdir.join(config.out, "report.json"), json.dumps(rep, indent=1, sort_keys=True))
     card.write_card(config, rep)
     outdir.cleanup_tmp(config.out)

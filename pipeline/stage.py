@@ -26,6 +26,9 @@ class Stage:
     def setup(self) -> None:
         """Load heavy state once per worker. Must be idempotent."""
 
+    def teardown(self) -> None:
+        """Best effort at worker shutdown (Beam may skip it): flush what setup() opened."""
+
     def process(self, record: Record) -> Outcome:
         raise NotImplementedError
 

@@ -180,11 +180,15 @@ def read_predictions(path: str | Path) -> PredictionFile:
     return PredictionFile(predictions, unreadable)
 
 
+def prediction_line(pred: Prediction) -> str:
+    """One jsonl line; floats are written exactly (json uses repr), so reading it back loses nothing."""
+    row = asdict(pred)
+    return json.dumps({k: row[k] for k in PREDICTION_FIELDS}, ensure_ascii=False) + "\n"
+
+
 def write_predictions(path: str | Path, predictions: Iterable[Prediction]) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
-        for pred in predictions:
-            row = asdict(pred)
-            f.write(json.dumps({k: row[k] for k in PREDICTION_FIELDS}, ensure_ascii=False) + "\n")
+        f.writelines(prediction_line(p) for p in predictions)
 
 
 def read_ground_truth(path: str | Path) -> list[GroundTruth]:

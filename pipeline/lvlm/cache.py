@@ -94,3 +94,12 @@ class ResponseCache:
             except Exception:  # noqa: BLE001 - the temp file may not exist
                 pass
             return False
+
+
+def make_entry(model: str, request: LvlmRequest, params: dict, text: str, parsed: Optional[dict],
+               usage: dict) -> dict:
+    """What is stored for one validated answer (no request_id, endpoint or credentials)."""
+    return {"model": model, "prompt_version": request.prompt_version,
+            "schema_name": request.schema_name, "schema_version": request.schema_version,
+            "params": params, "image_sha256": request.image_sha256,
+            "text": text, "parsed": parsed, "usage": usage}

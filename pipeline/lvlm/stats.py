@@ -14,7 +14,7 @@ from typing import Iterable
 _RATIO = 1.05
 _LOG_RATIO = math.log(_RATIO)
 COUNTERS = ("items", "requests", "ok", "cache_hits", "cache_writes", "cache_write_errors",
-            "reasks", "fallback_requests", "prompt_tokens", "completion_tokens")
+            "reasks", "response_format_refused", "prompt_tokens", "completion_tokens")
 NESTED = ("retries_by_cause", "failures_by_reason")
 PERCENTILES = (50, 90, 99)
 
@@ -71,14 +71,14 @@ class LvlmStats:
         with self._lock:
             self.latency_hist[_bucket(ms)] += 1
 
-    def enter(self) -> None:
+    def enter(self, n: int = 1) -> None:
         with self._lock:
-            self.in_flight += 1
+            self.in_flight += n
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
 
-    def leave(self) -> None:
+    def leave(self, n: int = 1) -> None:
         with self._lock:
-            self.in_flight -= 1
+            self.in_flight -= n
 
     def as_dict(self) -> dict:
         with self._lock:

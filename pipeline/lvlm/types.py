@@ -15,6 +15,14 @@ class LvlmUnavailable(RuntimeError):
     """No LVLM can be reached or loaded: the run cannot make the clue/dialogue parts."""
 
 
+def unavailable_message(why: str) -> str:
+    """LvlmUnavailable's text: what is wrong and the two ways on (a server, or Meta only)."""
+    return (f"No LVLM for the clue/dialogue parts: {why}. Point --lvlm-endpoint (or env "
+            f"MG_GEO_LVLM_ENDPOINT) at an OpenAI-compatible server (vLLM, SGLang, TGI, Ollama, "
+            f"OpenAI), or give --lvlm-backend transformers --lvlm-model a local model directory, "
+            f"or build only the Meta part with --parts meta.")
+
+
 # Ledger reasons a result may carry (a stage passes them on as Reject reasons).
 REASONS = (
     "http_4xx",           # the server refused the request (detail has the status)
@@ -26,6 +34,8 @@ REASONS = (
     "empty_answer",       # no text at all (no-schema requests)
     "bad_response",       # the server answered 2xx with something that is not a chat completion
     "generation_error",   # the in-process model raised while generating this batch
+    "invalid_request",    # the request itself cannot be sent (e.g. an image part but no image)
+    "internal_error",     # a defect in the client code; detail names the exception
 )
 
 

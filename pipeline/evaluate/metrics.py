@@ -1,0 +1,114 @@
+"""Geolocation metrics as the field reports them (OSV-5M, IM2GPS3K/YFCC4K, GeoGuessr-style GeoScore).
+
+- country / region / city accuracy: the predicted name equals the true one (case and accents
+  ignored; countries also match by ISO code, so "US" = "United States");
+- accuracy within 1, 25, 200, 750, 2500 km: great-circle error strictly less than the threshold;
+- GeoScore: mean of 5000 * exp(-d / 1492.7 km), as OSV-5M defines it;
+- median error in km.
+
+Every ground-truth sample is in every denominator: a missing or unparseable prediction is wrong
+at every level, scores 0 GeoScore and counts as the largest possible error (half the
+circumference) in the median, and both are also counted on their own. Name accuracies leave out
+only samples whose ground truth lacks that level (no city known, say).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
+
+from pipeline.evaluate.names import countries_match, names_match
+from pipeline.evaluate.predictions import GroundTruth, Prediction
+
+EARTH_RADIUS_KM = 6371.0
+THRESHOLDS_KM = (1, 25, 200, 750, 2500)
+GEOSCORE_MAX = 5000.0
+GEOSCORE_SCALE_KM = 1492.7
+MAX_ERROR_KM = math.pi * EARTH_RADIUS_KM  # antipodal distance: what a non-answer counts as
+LEVELS = ("country", "region", "city")
+
+
+def haversine_km(lat1, lon1, lat2, lon2):
+    """Great-circle distance on a sphere of radius 6371 km; floats or numpy arrays.
+
+    Longitudes are only ever differenced inside sin², so the antimeridian needs no special case
+    ((0, 179.5) to (0, -179.5) is 111 km), and at a pole the longitude drops out (cos 90° = 0)."""
+    phi1, lam1, phi2, lam2 = (np.radians(np.asarray(v, dtype=np.float64)) for v in (lat1, lon1, lat2, lon2))
+    a = np.sin((phi2 - phi1) / 2) ** 2 + np.cos(phi1) * np.cos(phi2) * np.sin((lam2 - lam1) / 2) ** 2
+    d = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))  # clip: rounding above 1
+    return float(d) if d.ndim == 0 else d
+
+
+def geoscore(distance_km):
+    return GEOSCORE_MAX * np.exp(-np.asarray(distance_km, dtype=np.float64) / GEOSCORE_SCALE_KM)
+
+
+@dataclass
+class SampleScore:
+    id: str
+    status: str                    # "answered" | "unparseable" | "missing"
+    reason: str                    # why unparseable ("" otherwise)
+    distance_km: Optional[float]   # None unless answered
+    country: Optional[bool]        # None: ground truth has no country
+    region: Optional[bool]
+    city: Optional[bool]
+
+
+def score_sample(truth: GroundTruth, pred: Optional[Prediction]) -> SampleScore:
+    def level(true_value: str, ok: bool) -> Optional[bool]:
+        return None if not true_value else ok
+
+    if pred is None or not pred.usable:
+        status, reason = ("missing", "") if pred is None else ("unparseable", pred.error)
+        return SampleScore(truth.id, status, reason, None, level(truth.country, False),
+                           level(truth.region, False), level(truth.city, False))
+    return SampleScore(
+        truth.id, "answered", "", haversine_km(truth.lat, truth.lon, pred.lat, pred.lon),
+        level(truth.country, countries_match(pred.country, truth.country)),
+        level(truth.region, names_match(pred.region, truth.region)),
+        level(truth.city, names_match(pred.city, truth.city)))
+
+
+def score_all(truths: Iterable[GroundTruth], predictions: Mapping[str, Prediction]) -> list[SampleScore]:
+    return [score_sample(t, predictions.get(t.id)) for t in truths]
+
+
+def threshold_key(km: float) -> str:
+    return f"within_{km:g}km"
+
+
+def within(distances: Iterable[Optional[float]], km: float) -> int:
+    """How many distances are strictly below km (None = no answer, never counts)."""
+    return sum(1 for d in distances if d is not None and d < km)
+
+
+def summarize(scores: list[SampleScore]) -> dict:
+    """The metrics of one set of scored samples (fractions in 0..1, None when undefined)."""
+    n = len(scores)
+    distances = [s.distance_km for s in scores]
+    answered = [d for d in distances if d is not None]
+    out: dict = {
+        "samples": n,
+        "answered": len(answered),
+        "unparseable": sum(s.status == "unparseable" for s in scores),
+        "missing": sum(s.status == "missing" for s in scores),
+        "unparseable_reasons": dict(sorted(Counter(s.reason for s in scores if s.reason).items())),
+    }
+    for name in LEVELS:
+        judged = [getattr(s, name) for s in scores if getattr(s, name) is not None]
+        out[f"{name}_accuracy"] = sum(judged) / len(judged) if judged else None
+        out[f"{name}_n"] = len(judged)
+    for km in THRESHOLDS_KM:
+        out[threshold_key(km)] = within(distances, km) / n if n else None
+    out["geoscore"] = float(np.sum(geoscore(answered))) / n if n else None
+    filled = [MAX_ERROR_KM if d is None else d for d in distances]
+    out["median_km"] = float(np.median(filled)) if n else None
+    out["median_km_answered"] = float(np.median(answered)) if answered else None
+    return out
+
+
+def error_distances(scores: list[SampleScore]) -> list[Optional[float]]:
+    return [s.distance_km for s in scores]

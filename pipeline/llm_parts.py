@@ -1,0 +1,131 @@
+"""The Clue and Dialogue parts inside the build: flags, the launch check, selection, stages.
+
+Loaded only when `--parts` names clue or dialogue. A fraction target is decided per record (no
+counts needed); an absolute target is balanced across countries, which needs every (key, country)
+first: a small global step makes that key set and records outside it bypass the stage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.beam_stage import ApplyStage
+from pipeline.errors import BadArgument
+from pipeline.selection import Selection, parse_target, select
+
+STATS_DIR = "_work/lvlm"
+
+
+def _target(text: str):
+    try:
+        return parse_target(text)
+    except ValueError as exc:
+        import argparse
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_part_arguments(parser) -> None:
+    g = parser.add_argument_group("Clue and Dialogue parts")
+    g.add_argument("--clue-target", type=_target, default=1.0,
+                   help="records that get a clue sample: a fraction (0.015, 1.5%%) or a count (70000, "
+                        "balanced across countries); default every record")
+    g.add_argument("--dialogue-target", type=_target, default=1.0,
+                   help="the same for dialogue samples (GaGA: ~73K dialogues next to ~70K clues)")
+    g.add_argument("--dialogue-max-rounds", type=int, default=2, help="correction rounds per dialogue (default 2)")
+    g.add_argument("--lvlm-batch-size", type=int, default=64,
+                   help="records per stage call; the backend keeps --lvlm-concurrency requests in flight")
+
+
+def lvlm_options(config):
+    from pipeline.lvlm import options_from_args
+    args = config.lvlm_args
+    if args is None:
+        raise BadArgument("the clue/dialogue parts need LVLM options (--lvlm-endpoint ...)")
+    if getattr(args, "out", None) is None:
+        args.out = config.out
+    return options_from_args(args)
+
+
+def check_llm(config) -> None:
+    """At launch: stop with one message when no LVLM is usable (names --lvlm-endpoint and --parts meta)."""
+    from pipeline.lvlm import LvlmUnavailable, check_backend, reset_shared_backends
+    try:
+        check_backend(lvlm_options(config))
+    except LvlmUnavailable as exc:
+        raise BadArgument(str(exc)) from None
+    reset_shared_backends()  # in-process runs: this build's counters start at zero
+
+
+def llm_stages(config):
+    """(stage, target) pairs in order: clue first, so dialogue hints can point at its clues."""
+    from pipeline.clue import ClueStage
+    from pipeline.dialogue import DialogueStage
+
+    options, args = lvlm_options(config), config.lvlm_args
+    stats_dir = FileSystems.join(config.out, STATS_DIR)
+    stages = []
+    if "clue" in config.parts:
+        stages.append((ClueStage(options, batch_size=args.lvlm_batch_size), args.clue_target))
+    if "dialogue" in config.parts:
+        stages.append((DialogueStage(options, batch_size=args.lvlm_batch_size,
+                                     max_rounds=args.dialogue_max_rounds), args.dialogue_target))
+    for stage, _ in stages:
+        stage.stats_dir = stats_dir
+    return stages
+
+
+class ApplySelected(beam.PTransform):
+    """ApplyStage on the selected records only; the rest pass by untouched (no sample, no ledger
+    row: report.json counts them as not selected)."""
+
+    def __init__(self, stage, target):
+        super().__init__(label=stage.name)
+        self.stage, self.target = stage, target
+
+    def expand(self, records):
+        if isinstance(self.target, float):
+            self.stage.selection = Selection.of_fraction(self.target)
+            return records | "Run" >> ApplyStage(self.stage)
+        target = self.target
+        chosen = (records
+                  | "KeyCountry" >> beam.Map(lambda r: (r.key, (r.location or {}).get("country_code", "")))
+                  | "AllKeys" >> beam.combiners.ToList()
+                  | "Select" >> beam.Map(lambda pairs: frozenset(select(pairs, target))))
+        parts = records | "Partition" >> beam.FlatMap(_tag_selected, beam.pvalue.AsSingleton(chosen)).with_outputs(
+            "rest", main="selected")
+        kept, rejected = parts.selected | "Run" >> ApplyStage(self.stage)
+        return (kept, parts.rest) | "Rejoin" >> beam.Flatten(), rejected
+
+
+def _tag_selected(record, chosen):
+    yield record if record.key in chosen else beam.pvalue.TaggedOutput("rest", record)
+
+
+def dump_backend_stats(stats_dir: str, backend) -> None:
+    """One file per backend object per process; the backend's counters are cumulative, so a later
+    dump of the same backend replaces the earlier one."""
+    name = f"{os.getpid()}-{id(backend):x}-{_PROCESS_TAG}.json"
+    path = FileSystems.join(stats_dir, name)
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    with FileSystems.create(tmp) as stream:
+        stream.write(json.dumps(backend.stats()).encode())
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+_PROCESS_TAG = uuid.uuid4().hex[:8]  # pids repeat across machines
+
+
+def read_backend_stats(out: str) -> dict:
+    from pipeline.lvlm import merge_stats
+    pattern = FileSystems.join(out, STATS_DIR, "*.json")
+    found = []
+    for meta in FileSystems.match([pattern])[0].metadata_list:
+        with FileSystems.open(meta.path) as stream:
+            found.append(json.loads(stream.read().decode()))
+    return merge_stats(found) if found else {}
