@@ -165,6 +165,14 @@ def test_multi_process_runner_gives_the_same_corpus(built, tmp_path):
     assert sorted(_manifest(tmp_path / "mp"), key=key) == sorted(_manifest(out), key=key)
 
 
+def test_portable_runner_gives_the_same_corpus(built, tmp_path):
+    """The portability path Flink, Spark and Dataflow use, with the SDK harness in this process."""
+    inputs, out, _ = built
+    run_build(_config(inputs, tmp_path / "portable"),
+              ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"])
+    assert _tar_digests(tmp_path / "portable") == _tar_digests(out)
+
+
 def test_writer_crash_leaves_no_readable_half_shard_and_a_rerun_recovers(built, tmp_path):
     inputs, out, _ = built
     crashed = tmp_path / "crash"
