@@ -167,6 +167,8 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     if {"clue", "dialogue"} & set(config.parts):
         from pipeline.llm_parts import read_backend_stats
         rep["lvlm"] = read_backend_stats(config.out)
+    from pipeline.stats import make_plots
+    rep["plots"] = make_plots(config.out, rep)
     outdir.write_text(outdir.join(config.out, "report.json"), json.dumps(rep, indent=1, sort_keys=True))
     card.write_card(config, rep)
     outdir.cleanup_tmp(config.out)

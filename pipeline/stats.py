@@ -1,0 +1,166 @@
+"""OUT/plots/*.png: pictures of what a build made and lost, drawn from its manifest and ledger.
+
+Read through FileSystems (OUT may be gs://) and drawn on bare matplotlib Figures with the Agg
+canvas: no pyplot, so no global figure state leaks between calls or into a caller's own plots.
+A plot with nothing to show (no samples, no rejections) is skipped and not listed.
+"""
+from __future__ import annotations
+
+import functools
+import io
+from collections import Counter
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import outdir
+from pipeline.report import read_parquet
+
+PLOTS_DIR = "plots"
+TOP_COUNTRIES = 30
+SPLITS = ("train", "val", "test")
+SPLIT_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
+OTHER_COLOUR = "#7f7f7f"        # a split name outside SPLITS (should not happen; still drawn)
+OUTLINE_TOLERANCE_DEG = 0.1     # 1:10m outlines have ~550k vertices; ~40k draw in a blink
+DPI = 100
+PLOT_NAMES = ("world_map.png", "countries.png", "splits.png", "rejections.png")
+
+
+def _rows(path: str) -> list[dict]:
+    return read_parquet(path).to_pylist() if FileSystems.exists(path) else []
+
+
+def _first_part(report: dict, manifest: list[dict]) -> str | None:
+    # Every part of a record shares its location, so one part's rows give each photo once;
+    # meta is the part the report's country table counts too.
+    parts = list(report.get("config", {}).get("parts") or []) + sorted({r["part"] for r in manifest})
+    return "meta" if "meta" in parts else (parts[0] if parts else None)
+
+
+@functools.lru_cache(maxsize=1)
+def country_outlines() -> list:
+    """Simplified Natural Earth country borders as (N, 2) lon/lat arrays (the geocoder's own file)."""
+    import numpy as np
+    import shapefile  # pyshp
+    import shapely
+    import shapely.geometry
+
+    from pipeline.geo.polygons import NE_ZIP
+
+    with shapefile.Reader(NE_ZIP, encoding="utf-8") as sf:
+        geoms = np.array([shapely.geometry.shape(s.__geo_interface__) for s in sf.shapes()], dtype=object)
+    borders = shapely.boundary(shapely.simplify(geoms, OUTLINE_TOLERANCE_DEG))
+    lines = shapely.get_parts(borders[~shapely.is_empty(borders)])
+    return [shapely.get_coordinates(line) for line in lines if shapely.get_num_coordinates(line) >= 2]
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def world_map(rows: list[dict]):
+    """Sample locations (lon, lat) on country outlines, one colour per split."""
+    from matplotlib.collections import LineCollection
+
+    fig = _figure(12, 6.5)
+    ax = fig.add_subplot()
+    ax.add_collection(LineCollection(country_outlines(), colors="#b0b0b0", linewidths=0.4, zorder=1))
+    by_split: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        by_split.setdefault(r["split"], []).append((r["lon"], r["lat"]))
+    for split in sorted(by_split, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s)):
+        lons, lats = zip(*by_split[split])
+        ax.scatter(lons, lats, s=12, color=SPLIT_COLOURS.get(split, OTHER_COLOUR), label=f"{split} ({len(lons)})",
+                   zorder=2, edgecolors="none", gid=f"samples-{split}")
+    ax.set_xlim(-180, 180)
+    ax.set_ylim(-90, 90)
+    ax.set_aspect("equal")
+    ax.set_xlabel("longitude")
+    ax.set_ylabel("latitude")
+    ax.set_title(f"Sample locations ({len(rows)})")
+    ax.legend(loc="lower left", title="split")
+    return fig
+
+
+def countries_bar(rows: list[dict], part: str):
+    from matplotlib.ticker import MaxNLocator
+
+    counts = Counter((r["country_code"] or "?", r["country"] or "unknown") for r in rows)
+    top = counts.most_common(TOP_COUNTRIES)[::-1]  # barh draws bottom-up: largest on top
+    fig = _figure(8, 1.5 + 0.28 * len(top))
+    ax = fig.add_subplot()
+    ax.barh([f"{name} ({cc})" for (cc, name), _ in top], [n for _, n in top], color=SPLIT_COLOURS["train"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("samples")
+    ax.set_title(f"Samples per country, {part} part (top {len(top)} of {len(counts)})")
+    return fig
+
+
+def split_part_bars(rows: list[dict]):
+    import numpy as np
+
+    counts = Counter((r["part"], r["split"]) for r in rows)
+    parts = sorted({p for p, _ in counts})
+    splits = [s for s in SPLITS if any(k[1] == s for k in counts)] + sorted({s for _, s in counts} - set(SPLITS))
+    fig = _figure(8, 4.5)
+    ax = fig.add_subplot()
+    x = np.arange(len(splits))
+    width = 0.8 / len(parts)
+    for i, part in enumerate(parts):
+        bars = ax.bar(x + (i - (len(parts) - 1) / 2) * width, [counts[(part, s)] for s in splits], width, label=part)
+        ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(x, splits)
+    ax.set_ylabel("samples")
+    ax.set_title("Samples per split and part")
+    ax.legend(title="part")
+    return fig
+
+
+def rejections_bar(ledger: list[dict]):
+    from matplotlib.ticker import MaxNLocator
+
+    counts = Counter((r["stage"], r["reason"]) for r in ledger)
+    items = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    fig = _figure(8, 1.5 + 0.3 * len(items))
+    ax = fig.add_subplot()
+    bars = ax.barh([f"{stage}: {reason}" for (stage, reason), _ in items], [n for _, n in items], color="#d62728")
+    ax.bar_label(bars, fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("inputs rejected")
+    ax.set_title(f"Rejections by stage and reason ({len(ledger)})")
+    return fig
+
+
+def _save(fig, out: str, name: str) -> str:
+    rel = f"{PLOTS_DIR}/{name}"
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    path = outdir.join(out, PLOTS_DIR, name)
+    with FileSystems.create(path) as stream:
+        stream.write(buf.getvalue())
+    return rel
+
+
+def make_plots(out: str, report: dict) -> list[str]:
+    """Write OUT/plots/*.png from OUT's manifest and ledger; returns their paths relative to OUT."""
+    manifest = _rows(outdir.join(out, "manifest.parquet"))
+    ledger = _rows(outdir.join(out, "rejected.parquet"))
+    part = _first_part(report, manifest)
+    located = [r for r in manifest if r["part"] == part and r["lat"] is not None and r["lon"] is not None]
+    in_part = [r for r in manifest if r["part"] == part]
+    # A rerun replaces this module's plots; one that has nothing to show now must not linger.
+    stale = [outdir.join(out, PLOTS_DIR, name) for name in PLOT_NAMES]
+    stale = [path for path in stale if FileSystems.exists(path)]
+    if stale:
+        FileSystems.delete(stale)
+    plots = [
+        ("world_map.png", world_map, located),
+        ("countries.png", lambda rows: countries_bar(rows, part), in_part),
+        ("splits.png", split_part_bars, manifest),
+        ("rejections.png", rejections_bar, ledger),
+    ]
+    return [_save(draw(rows), out, name) for name, draw, rows in plots if rows]
