@@ -1,6 +1,7 @@
 # MG-Geo. `make install`, `make test`, `make build-mg-geo`. Variables:
 #   SOURCES="exif:/photos table:/list.parquet"  (empty: generate the sample set first)
 #   OUT=mg-geo-out  PARTS=meta  BEAM_ARGS="--runner=... "  N=200 (sample size)  TRAIN=1 (train after build)
+#   RUN=mg-geo-out-run (training output)  TRAIN_ARGS="--model PATH --max-steps N ..."
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,6 +13,7 @@ SOURCES ?=
 BEAM_ARGS ?=
 TRAIN ?=
 TRAIN_ARGS ?=
+RUN ?= $(OUT)-run
 TORCH_CPU := torch==2.13.0
 
 .PHONY: install test build-mg-geo samples train-mg-geo bench clean
@@ -35,10 +37,13 @@ samples:
 build-mg-geo: $(if $(SOURCES),,samples)
 	$(BIN)/mg-geo build $(foreach s,$(if $(SOURCES),$(SOURCES),exif:$(SAMPLES)),--source $(s)) \
 		--out $(OUT) --parts $(PARTS) $(BEAM_ARGS)
-	$(if $(TRAIN),$(MAKE) train-mg-geo OUT=$(OUT))
+	$(if $(TRAIN),$(MAKE) train-mg-geo OUT=$(OUT) RUN=$(RUN))
 
+# GaGA's two stages: Meta, then Clue + Dialogue (+ Meta replay) from stage 1's weights. --resume
+# makes the same lines restart a crashed run and only re-export a finished one.
 train-mg-geo:
-	$(BIN)/mg-geo train --data $(OUT) --output $(OUT)-model $(TRAIN_ARGS)
+	$(BIN)/mg-geo train --data $(OUT) --output $(RUN)/stage1 --stage 1 --resume $(TRAIN_ARGS)
+	$(BIN)/mg-geo train --data $(OUT) --output $(RUN)/stage2 --stage 2 --init-from $(RUN)/stage1/model --resume $(TRAIN_ARGS)
 
 bench:
 	$(BIN)/python bench/bench_build.py

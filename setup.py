@@ -25,15 +25,17 @@ BUILD_REQUIRES = [
     "openai>=1.40,<4",       # the LVLM client for the Clue and Dialogue parts
     "matplotlib>=3.8,<4",    # plots for the dataset card and eval
 ]
-# torch: any 2.x a GPU user already has; `make install` puts the CPU build 2.13.0 in first so pip
+# torch: any 2.x a GPU user already has (Qwen2-VL-family processors also want the torchvision that
+# matches it; nothing here imports torchvision, so it is the user's to add on a GPU box); `make install` puts the CPU build 2.13.0 in first so pip
 # never pulls CUDA wheels on a laptop or CI.
 TRAIN_REQUIRES = [
     "torch>=2.4,<3",
-    "transformers>=4.57,<6",
-    "tokenizers>=0.21,<1",
-    "accelerate>=1.0,<2",
-    "peft>=0.13,<1",
+    "transformers>=5.0,<6",
+    "tokenizers>=0.22,<1",
+    "accelerate>=1.2,<2",
+    "peft>=0.15,<1",
     "tensorboard>=2.15,<3",
+    "safetensors>=0.4,<1",
 ]
 
 

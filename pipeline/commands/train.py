@@ -105,18 +105,17 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from pipeline.errors import BadArgument
-
     try:
         from pipeline.train.trainer import TrainError, Trainer
     except ImportError as exc:
-        raise BadArgument(f"`mg-geo train` needs the train extra (pip install 'mg-geo[train]'): {exc}") from exc
+        log.error("`mg-geo train` needs the train extra (pip install 'mg-geo[train]'): %s", exc)
+        return 2
     cfg = config_from_args(args)
     if cfg.stage == 2 and not cfg.init_from:
         log.warning("stage 2 without --init-from starts from %s, not from a stage 1 model", cfg.model)
     try:
         summary = Trainer(cfg).run()
-    except TrainError as exc:
+    except (TrainError, OSError) as exc:  # bad layout, checkpoint mismatch, model not found
         log.error("%s", exc)
         return 1
     log.info("done: %s", summary)

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import bisect
 import io
-import logging
 import math
+import re
 from typing import Optional
-
-log = logging.getLogger("pipeline.train")
 
 IGNORE_INDEX = -100  # label value the Hugging Face losses skip
 # Inputs with one entry per token: padded in a batch. Everything else the processor returns
 # (pixel_values, image_grid_thw, ...) has one entry per image or patch and is concatenated.
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 class ConversationError(ValueError):
@@ -58,11 +57,13 @@ def _image_token_id(processor) -> int:
 
 def downscale(image, max_pixels: Optional[int]):
     """Cap the pixel count (so the image-token count) whatever the processor does itself."""
+    from PIL import Image
+
     if not max_pixels or image.width * image.height <= max_pixels:
         return image
     scale = math.sqrt(max_pixels / (image.width * image.height))
     size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
-    return image.resize(size, resample=3)  # 3 = bicubic
+    return image.resize(size, resample=Image.Resampling.BICUBIC)
 
 
 class ChatEncoder:
@@ -77,7 +78,7 @@ class ChatEncoder:
             or self.tokenizer.chat_template
         if not self.chat_template:
             raise ConversationError("the processor has no chat template; pass --chat-template FILE")
-        self.has_generation_marks = "generation" in self.chat_template and "endgeneration" in self.chat_template
+        self.has_generation_marks = bool(_GENERATION_TAG.search(self.chat_template))
         self.max_length = max_length
         self.max_pixels = max_pixels
         self.image_token_id = _image_token_id(processor)

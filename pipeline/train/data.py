@@ -103,6 +103,7 @@ class MixedShardStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.resample = shuffle_buffer, resample
         self.start_positions = dict(start_positions or {})
         self.worker_offset = worker_offset
+        self.last_error = ""
 
     def _raw_part(self, part: str, slot: int, slots: int) -> Iterator[dict]:
         import webdataset as wds
@@ -140,8 +141,11 @@ class MixedShardStream(torch.utils.data.IterableDataset):
             if example is None:
                 dropped[reason] += 1
                 in_a_row += 1
+                if dropped[reason] <= 3 and reason == "encode_error":
+                    log.warning("sample dropped: %s", self.last_error)
                 if in_a_row >= MAX_CONSECUTIVE_DROPS:
-                    raise RuntimeError(f"{in_a_row} samples in a row could not be used: {dict(dropped)}")
+                    raise RuntimeError(f"{in_a_row} samples in a row could not be used: {dict(dropped)}; "
+                                       f"last error: {self.last_error}")
                 continue
             in_a_row = 0
             example.update(_position=position, _worker=worker, _part=part, _dropped=dict(dropped))
@@ -156,7 +160,11 @@ class MixedShardStream(torch.utils.data.IterableDataset):
         messages = sample.get("messages")
         if not messages:
             return None, "no_messages"
-        return self.encoder.encode(messages, raw.get("jpg"))
+        try:
+            return self.encoder.encode(messages, raw.get("jpg"))
+        except ValueError as exc:  # ConversationError included: this sample's text defeats the template
+            self.last_error = f"{raw.get('__key__')}: {exc}"
+            return None, "encode_error"
 
 
 def make_loader(stream: MixedShardStream, batch_size: int, num_workers: int, pad_token_id: int):

@@ -92,15 +92,16 @@ def load_model(source: str, dtype: torch.dtype, attention: str):
     """from_pretrained that refuses to start with weights it did not load."""
     from transformers import AutoModelForImageTextToText
 
-    try:
-        model, info = AutoModelForImageTextToText.from_pretrained(
-            source, dtype=dtype, attn_implementation=attention, output_loading_info=True)
-    except (ValueError, ImportError) as exc:
-        if attention == "eager":
-            raise
-        log.warning("attention %s not available for %s (%s); using eager", attention, source, exc)
-        model, info = AutoModelForImageTextToText.from_pretrained(
-            source, dtype=dtype, attn_implementation="eager", output_loading_info=True)
+    choices = [attention] + [a for a in ("sdpa", "eager") if a != attention]
+    for i, choice in enumerate(choices):
+        try:
+            model, info = AutoModelForImageTextToText.from_pretrained(
+                source, dtype=dtype, attn_implementation=choice, output_loading_info=True)
+            break
+        except (ValueError, ImportError) as exc:  # this model or install lacks that attention kernel
+            if i == len(choices) - 1:
+                raise
+            log.warning("attention %s not available for %s (%s); trying %s", choice, source, exc, choices[i + 1])
     bad = {k: info.get(k) for k in ("missing_keys", "mismatched_keys") if info.get(k)}
     if bad:
         raise TrainError(f"{source}: weights not loaded: {bad} - the checkpoint's key layout does not "
@@ -172,12 +173,16 @@ def freeze_vision(model) -> int:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
 
         self.cfg = cfg
         self.out = Path(cfg.output)
         self.precision = resolve_precision(cfg.precision)
+        # Some VLMs hold parameters no loss reaches (a SigLIP tower's pooling head and last norm
+        # when LLaVA reads an inner layer): DDP must be told, or it waits for their gradients.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
         self.accelerator = Accelerator(mixed_precision="bf16" if self.precision != "fp32" else "no",
-                                       step_scheduler_with_optimizer=False)
+                                       step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -285,7 +290,8 @@ class Trainer:
             for old in self._checkpoint_dirs()[: -max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
-        log.info("checkpoint %s", final)
+        if self.is_main:
+            log.info("checkpoint %s", final)
         return final
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -367,11 +373,11 @@ class Trainer:
         batches = iter(loader)
         window = _new_window()
         dropped: dict = {}
-        last_losses = []
+        last_loss = None
         self.model.train()
         try:
             while self.step < self.max_steps:
-                step_loss = 0.0
+                step_loss = torch.zeros((), device=acc.device)
                 for micro in range(cfg.grad_accum):
                     batch = next(batches)
                     meta = batch.pop("_meta")
@@ -386,7 +392,7 @@ class Trainer:
                     with (acc.no_sync(self.model) if not sync else contextlib.nullcontext()):
                         loss = self.model(**batch).loss
                         acc.backward(loss / cfg.grad_accum)
-                    step_loss += loss.detach().float().item() / cfg.grad_accum
+                    step_loss += loss.detach().float() / cfg.grad_accum  # no .item(): no GPU sync per step
                 if cfg.max_grad_norm:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 lr = self.scheduler.get_last_lr()[0]
@@ -394,14 +400,16 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                window["loss"] += step_loss
+                window["loss"] = window["loss"] + step_loss
                 window["steps"] += 1
-                last_losses.append(step_loss)
+                last_loss = step_loss
                 if self.step % cfg.log_every == 0 or self.step == self.max_steps:
                     self._log(window, lr, dropped, writer, metrics)
                     window = _new_window()
                 if self.step % cfg.save_every == 0 or self.step == self.max_steps:
+                    saving = time.perf_counter()
                     self._save_checkpoint()
+                    window["start"] += time.perf_counter() - saving  # rates count training time only
         finally:
             if writer:
                 writer.close()
@@ -409,13 +417,14 @@ class Trainer:
                 metrics.close()
         self._export()
         return {"step": self.step, "max_steps": self.max_steps, "output": str(self.out),
-                "last_loss": last_losses[-1] if last_losses else None}
+                "last_loss": float(last_loss) if last_loss is not None else None}
 
     def _log(self, window: dict, lr: float, dropped: dict, writer, metrics) -> None:
         acc = self.accelerator
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
-        totals = torch.tensor([window["loss"] / window["steps"], window["tokens"], window["samples"]],
-                              dtype=torch.float64, device=acc.device)
+        totals = torch.stack([torch.as_tensor(window["loss"], dtype=torch.float64, device=acc.device) / window["steps"],
+                              torch.tensor(float(window["tokens"]), dtype=torch.float64, device=acc.device),
+                              torch.tensor(float(window["samples"]), dtype=torch.float64, device=acc.device)])
         totals = acc.reduce(totals, reduction="sum")
         row = {"step": self.step, "loss": float(totals[0]) / self.world, "lr": lr,
                "tokens_per_s": float(totals[1]) / elapsed, "samples_per_s": float(totals[2]) / elapsed,
