@@ -24,6 +24,7 @@ from pipeline.read import ReadStage
 from pipeline.record import Reject, Rejection
 from pipeline.sources import Source, parse_source
 from pipeline.split import AssignSplit
+from pipeline.stash import stash, unstash
 from pipeline.validate import ValidateStage
 from pipeline.write_parts import WriteParts
 
@@ -102,6 +103,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     for stage in record_stages(config):
         records, more = records | stage.name.capitalize() >> ApplyStage(stage)
         rejected.append(more)
+    records = records | "Stash" >> beam.Map(stash, config.out)  # bytes leave the shuffles
     records, more = records | "Dedupe" >> Dedupe(radius=config.dedupe_radius)
     rejected.append(more)
     records = records | "Split" >> AssignSplit(ratios=config.split_ratios, link_km=config.split_link_km)
@@ -110,9 +112,11 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
         rejected.append(more)
     if {"clue", "dialogue"} & set(config.parts):
         from pipeline.llm_parts import ApplySelected, llm_stages  # the LVLM stack loads only when asked for
+        records = records | "Unstash" >> beam.Map(unstash)  # the LVLM sees the pixels
         for stage, target in llm_stages(config):
             records, more = records | stage.name.capitalize() >> ApplySelected(stage, target)
             rejected.append(more)
+        records = records | "Restash" >> beam.Map(stash, config.out)
 
     # What reaches the writer, per source and part: with the inputs and the ledger this proves that
     # no record was lost (inputs = ledger rows for whole records + records at the writer).

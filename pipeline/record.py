@@ -24,6 +24,7 @@ class Record:
     input_id: str                 # what the user calls the input: relative path, row id, shard/key
     image_path: Optional[str] = None    # where the reader stage loads bytes from, if not given
     image_bytes: Optional[bytes] = None  # source bytes, replaced by the clean JPEG after the image stage
+    image_ref: Optional[str] = None  # where the clean JPEG waits for the writer (pipeline.stash)
     lat: Optional[float] = None
     lon: Optional[float] = None
     # Raw coordinate evidence before validation: {"kind": "exif", "gps": {...}} or
@@ -44,7 +45,8 @@ class Record:
         """Every field of the record except the bytes; this is KEY.json in a shard."""
         # A shallow view, not dataclasses.asdict: that deep-copies every message of every sample
         # and was a third of the writer's time. Callers serialise it; they must not mutate it.
-        skip = ("image_bytes", "coords_raw")  # coords_raw: evidence only; lat/lon are the answer
+        # coords_raw: evidence only, lat/lon are the answer; image_ref: a temporary path
+        skip = ("image_bytes", "image_ref", "coords_raw")
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 

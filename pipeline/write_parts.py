@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
 import apache_beam as beam
 import jsonschema
@@ -60,10 +61,19 @@ class _WriteGroups(beam.DoFn):
         self.n_samples = Metrics.counter("mg_geo.write", "samples")
         self.n_shards = Metrics.counter("mg_geo.write", "shards")
         self.n_rejected = Metrics.counter("mg_geo.write", "rejected")
+        self.n_in = Metrics.counter("mg_geo.write", "in")
+        self.micros = Metrics.counter("mg_geo.write", "micros")  # like every stage: work time
 
     def process(self, element, numbering):
+        start = time.perf_counter()
+        outputs = list(self._write(element, numbering))  # time our work, not the consumers'
+        self.micros.inc(int((time.perf_counter() - start) * 1e6))
+        yield from outputs
+
+    def _write(self, element, numbering):
         (part, split, bucket), records = element
         by_key = {r.key: r for r in records}
+        self.n_in.inc(len(by_key))
         chunks = writer.plan_chunks([(k, writer.planned_size(r)) for k, r in by_key.items()], self.limits)
         for i, keys in enumerate(chunks):
             path = writer.shard_path(self.out, part, split, numbering[(part, split, bucket, i)])

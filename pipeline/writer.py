@@ -17,6 +17,7 @@ import webdataset as wds
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.record import SAFE_KEY, Record
+from pipeline.stash import jpeg_of
 
 PARTS = ("meta", "clue", "dialogue")
 SPLITS = ("train", "val", "test")
@@ -47,7 +48,9 @@ def sample_json(record: Record, part: str) -> bytes:
 
 
 def planned_size(record: Record) -> int:
-    return len(record.image_bytes or b"") + JSON_OVERHEAD
+    if record.image_bytes is not None:
+        return len(record.image_bytes) + JSON_OVERHEAD
+    return (record.image or {}).get("jpeg_bytes", 0) + JSON_OVERHEAD
 
 
 def bucket_count(n: int, total_bytes: int, limits: ShardLimits) -> int:
@@ -109,7 +112,7 @@ def write_shard(out: str, path: str, records: list[Record], part: str, fail_afte
                     if not SAFE_KEY.match(record.key):
                         raise ValueError(f"unsafe key {record.key!r} reached the writer")
                     body = encoded[record.key] if encoded else sample_json(record, part)
-                    total += writer.write({"__key__": record.key, "jpg": record.image_bytes, "json": body})
+                    total += writer.write({"__key__": record.key, "jpg": jpeg_of(record), "json": body})
             finally:
                 writer.close()  # on failure too: the temporary file is deleted below anyway
     except BaseException:
