@@ -22,7 +22,7 @@ BUILD_REQUIRES = [
     "ImageHash>=4.3,<5",
     "jsonschema>=4.18,<5",
     "jinja2>=3.1,<4",
-    "openai>=1.40,<4",       # the LVLM client for the Clue and Dialogue parts
+    "openai>=3.0,<4",        # the LVLM client for the Clue and Dialogue parts (tested on 3.57)
     "matplotlib>=3.8,<4",    # plots for the dataset card and eval
 ]
 # torch: any 2.x a GPU user already has (Qwen2-VL-family processors also want the torchvision that

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,9 @@ def main() -> int:
         print(f"{name:<10} {secs:7.2f}  {secs / wall:12.1%}  {1000 * secs / max(1, stages[name].get('in', 1)):9.2f}")
     total = sum(stage_s.values())
     print(f"stage work / wall = {total / wall:.2f} (x{args.workers} workers of CPU available)")
-    print(json.dumps({"records_per_s": round(n_in / wall, 1), "wall_s": round(wall, 1),
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(f"peak RSS of this process: {peak_mib:.0f} MiB (in-process runner: the whole job)")
+    print(json.dumps({"records_per_s": round(n_in / wall, 1), "wall_s": round(wall, 1), "peak_rss_mib": round(peak_mib),
                       "stage_s": {k: round(v, 2) for k, v in stage_s.items()}}))
     return 0
 

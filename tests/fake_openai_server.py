@@ -143,8 +143,7 @@ class FakeOpenAIServer:
     # ---- control ----------------------------------------------------------------------------
     def start(self) -> "FakeOpenAIServer":
         handler = type("Handler", (_Handler,), {"fake": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _Server(("127.0.0.1", 0), handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fake-openai-server", daemon=True)
         self._thread.start()
@@ -186,9 +185,6 @@ class FakeOpenAIServer:
         with self._lock:
             self.requests = []
             self.peak_in_flight = 0
-
-    def answered(self) -> list[SeenRequest]:
-        return [r for r in self.requests if r.status == 200 and r.fault not in ("bad_body",)]
 
     # ---- per request (called from handler threads) ------------------------------------------
     def _begin(self, body: dict, authorization: str) -> tuple[SeenRequest, Fault]:
@@ -241,6 +237,13 @@ def _summarise(messages: list) -> tuple[str, list]:
     return "\n".join(texts), images
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default listen backlog is 5: a client opening 32 connections at once would
+    # see dropped SYNs and 1 s retransmits, i.e. timeouts that no real server causes.
+    request_queue_size = 1024
+
+
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeOpenAIServer
     protocol_version = "HTTP/1.1"  # keep-alive: the client's pool reuses connections
@@ -257,7 +260,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(404, _error("not found", "not_found"))
         if not self._authorized():
             return self._json(401, _error("invalid api key", "invalid_api_key"))
-        self.fake.models_requests += 1
+        with self.fake._lock:
+            self.fake.models_requests += 1
         self._json(200, {"object": "list", "data": [
             {"id": self.fake.model, "object": "model", "created": 0, "owned_by": "fake"}]})
 

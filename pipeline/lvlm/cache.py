@@ -56,6 +56,9 @@ def cache_key(model: str, request: LvlmRequest, params: dict) -> str:
 class ResponseCache:
     def __init__(self, root: str):
         self.root = root.rstrip("/")
+        # Local reads and writes take microseconds: callers may do them inline. Remote ones
+        # (gs://, s3://) take a network round trip and belong on a thread.
+        self.is_local = FileSystems.get_scheme(self.root) in (None, "file")
 
     def path(self, key: str) -> str:
         # Two-character fan-out keeps directories small on local disks.

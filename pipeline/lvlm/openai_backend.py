@@ -18,7 +18,6 @@ import threading
 import time
 from typing import Optional
 
-import httpx2
 import openai
 
 from pipeline.lvlm.answers import Verdict, check_answer, reask_messages, schema_problem, with_instructions
@@ -26,7 +25,7 @@ from pipeline.lvlm.cache import ResponseCache, cache_key, make_entry
 from pipeline.lvlm.options import LvlmOptions
 from pipeline.lvlm.retry import TokenBucket, backoff_delay, parse_retry_after
 from pipeline.lvlm.stats import LvlmStats
-from pipeline.lvlm.types import LvlmBackend, LvlmRequest, LvlmResult, LvlmUnavailable
+from pipeline.lvlm.types import LvlmBackend, LvlmRequest, LvlmResult, LvlmUnavailable, unavailable_message
 
 log = logging.getLogger(__name__)
 _SCHEMA_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -47,7 +46,7 @@ class OpenAIBackend(LvlmBackend):
 
     def __init__(self, options: LvlmOptions):
         if not options.base_url():
-            raise LvlmUnavailable("the openai backend needs --lvlm-endpoint (or env MG_GEO_LVLM_ENDPOINT)")
+            raise LvlmUnavailable(unavailable_message("the openai backend has no endpoint"))
         self.options = options
         self.model = options.model or ""
         self._stats = LvlmStats()
@@ -85,19 +84,22 @@ class OpenAIBackend(LvlmBackend):
 
     async def _open(self) -> None:
         o = self.options
-        # httpx2 logs every request at INFO: millions of lines on a real run. Quiet it unless
-        # someone configured that logger on purpose.
-        httpx_log = logging.getLogger("httpx2")
-        if httpx_log.level == logging.NOTSET:
-            httpx_log.setLevel(logging.WARNING)
-        limits = httpx2.Limits(max_connections=o.concurrency, max_keepalive_connections=o.concurrency)
+        # The HTTP library logs every request at INFO: millions of lines on a real run. Quiet it
+        # unless someone configured that logger on purpose. (openai 1.x uses httpx, 3.x httpx2.)
+        for name in ("httpx", "httpx2"):
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        # Built from what openai exports, so this works whichever httpx flavour it ships with.
+        limits = type(openai.DEFAULT_CONNECTION_LIMITS)(max_connections=o.concurrency,
+                                                        max_keepalive_connections=o.concurrency)
+        timeout = openai.Timeout(o.timeout_s, connect=min(o.timeout_s, 10.0))
         self._client = openai.AsyncOpenAI(
             base_url=o.base_url(),
             # Local servers (vLLM, Ollama) take any key; the client insists on one.
             api_key=o.api_key or "EMPTY",
             max_retries=0,
-            timeout=httpx2.Timeout(o.timeout_s, connect=min(o.timeout_s, 10.0)),
-            http_client=openai.DefaultAsyncHttpx2Client(limits=limits),
+            timeout=timeout,
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout),
         )
         self._semaphore = asyncio.Semaphore(o.concurrency)
         self._bucket = TokenBucket(o.rpm) if o.rpm else None
@@ -106,10 +108,11 @@ class OpenAIBackend(LvlmBackend):
                 page = await self._client.models.list(timeout=min(o.timeout_s, 10.0))
                 ids = [m.id for m in page.data]
             except openai.APIError as exc:
-                raise LvlmUnavailable(f"no --lvlm-model given and GET /models failed: {exc}") from None
+                raise LvlmUnavailable(unavailable_message(
+                    f"no --lvlm-model given and GET /models failed ({exc})")) from None
             if len(ids) != 1:
-                raise LvlmUnavailable(f"no --lvlm-model given and the server lists {len(ids)} models: "
-                                      f"{ids[:10]}; pass --lvlm-model")
+                raise LvlmUnavailable(f"no --lvlm-model given and the server lists {len(ids)} models "
+                                      f"({ids[:10]}): pass --lvlm-model")
             self.model = ids[0]
             log.info("LVLM endpoint serves one model, using it: %s", self.model)
 
@@ -174,7 +177,9 @@ class OpenAIBackend(LvlmBackend):
 
     async def _answer(self, request: LvlmRequest, params: dict, key: str) -> LvlmResult:
         if self._cache is not None:
-            entry = await asyncio.get_running_loop().run_in_executor(None, self._cache.get, key)
+            # A local miss is one stat() call: cheaper inline than a thread hop.
+            entry = self._cache.get(key) if self._cache.is_local else \
+                await asyncio.get_running_loop().run_in_executor(None, self._cache.get, key)
             if entry is not None and (request.schema is None or
                                       (entry.get("parsed") is not None and not schema_problem(entry["parsed"], request.schema))):
                 self._stats.add("cache_hits")
@@ -200,6 +205,9 @@ class OpenAIBackend(LvlmBackend):
             if verdict.ok:
                 if self._cache is not None:
                     entry = make_entry(self.model, request, params, answer.text, verdict.parsed, usage)
+                    # On a thread even when local: a write is several syscalls (create, write,
+                    # rename) during which the loop goes on with other requests. The request's
+                    # concurrency slot is already free here.
                     stored = await asyncio.get_running_loop().run_in_executor(None, self._cache.put, key, entry)
                     self._stats.add("cache_writes" if stored else "cache_write_errors")
                 return self._result(True, parsed=verdict.parsed, text=answer.text, usage=usage,
@@ -234,11 +242,11 @@ class OpenAIBackend(LvlmBackend):
                 sent += 1
                 started = time.perf_counter()
                 try:
-                    # The client's generic post(): the typed chat.completions.create() walks
-                    # every message through its TypedDict transform and builds pydantic models
-                    # of the answer, ~1 ms of CPU per request that caps a worker well below
-                    # `concurrency / latency` (bench/bench_lvlm_client.py). Same client, same
-                    # auth, timeouts and exception types.
+                    # The client's generic post() rather than chat.completions.create(): the
+                    # typed call walks every message through its TypedDict transform and builds
+                    # pydantic models of the answer, ~0.6 ms of CPU per request (a quarter of
+                    # the client's cost; the event loop's CPU is what bounds the request rate,
+                    # see bench/bench_lvlm_client.py). Same client, auth, timeouts, exceptions.
                     response = await self._client.post("/chat/completions", cast_to=object, body=body)
                     self._stats.latency((time.perf_counter() - started) * 1000)
                     answer = _read_completion(response)

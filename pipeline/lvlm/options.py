@@ -56,6 +56,17 @@ class LvlmOptions:
         if self.concurrency < 1 or self.max_attempts < 1 or self.reasks < 0:
             raise ValueError("lvlm concurrency and max_attempts must be >= 1, reasks >= 0")
 
+    def __getstate__(self):
+        # The options are pickled into the Beam job graph, which runners upload and show: the key
+        # never travels with it. Each worker reads OPENAI_API_KEY from its own environment.
+        state = dict(self.__dict__)
+        state["api_key"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.api_key = os.environ.get(ENV_API_KEY) or None
+
     def base_url(self) -> Optional[str]:
         """The endpoint as the openai client wants it: an OpenAI-compatible root ending in /v1
         when the user gave only scheme://host:port."""

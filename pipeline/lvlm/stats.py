@@ -1,5 +1,17 @@
 """Counters of one backend instance, as a plain dict that merges across workers.
 
+    items               requests given to run_inference (cache hits included)
+    requests            HTTP requests sent / sequences generated (retries and re-asks included)
+    ok, cache_hits      answers returned; of them, answers read from the cache
+    cache_writes        answers stored (cache_write_errors: could not be stored)
+    reasks              re-asks after an invalid / schema-invalid answer
+    response_format_refused  400s to response_format json_schema (openai backend)
+    prompt_tokens, completion_tokens   as the server reported them (cache hits not counted)
+    retries_by_cause    {"429", "5xx", "timeout", "connection": retries made for that cause}
+    failures_by_reason  {ledger reason: results with ok=False}
+    peak_in_flight      most requests in flight at once in this backend (merged: the highest)
+    latency_ms          p50/p90/p99 of requests that got an HTTP answer (or of generate() calls)
+
 Latency is kept as a log-spaced histogram (5 % wide buckets) rather than a sample list: it stays
 a few hundred numbers for any run length, adds up across workers exactly, and its percentiles are
 within 2.5 % of the true ones.

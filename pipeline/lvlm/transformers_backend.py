@@ -285,21 +285,26 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 
 def check_weights(model: str) -> None:
     """Raise LvlmUnavailable unless `model` can be loaded on this machine without guessing."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:  # found without importing: torch takes seconds to import on a launcher
         raise LvlmUnavailable(unavailable_message(
-            f"the transformers backend needs torch and transformers ({exc})")) from None
+            f"the transformers backend needs {' and '.join(missing)} (pip install the lvlm extra)"))
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LvlmUnavailable(unavailable_message(f"{model} has no config.json"))
         return
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        raise LvlmUnavailable(unavailable_message(f"no model directory at {model}"))
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(model, "config.json"), str):
-        return  # in the local hub cache
+    try:
+        if isinstance(try_to_load_from_cache(model, "config.json"), str):
+            return  # in the local hub cache
+    except ValueError as exc:  # not a valid hub id either
+        raise LvlmUnavailable(unavailable_message(f"{model!r} is neither a directory nor a hub id ({exc})")) from None
     if weights_are_offline(model):
         raise LvlmUnavailable(unavailable_message(
             f"the LVLM weights {model!r} are not on this machine and the hub cannot be reached"))
