@@ -38,6 +38,9 @@ MANIFEST_SCHEMA = pa.schema([
     ("city", pa.string()), ("city_id", pa.string()), ("nearest_country_code", pa.string()),
     ("country_disagreement", pa.bool_()), ("sha256", pa.string()), ("phash", pa.string()),
     ("width", pa.int64()), ("height", pa.int64()),
+    # Labels a source brought (OSV-5M's), null otherwise: pipeline.agreement compares them with ours.
+    ("label_country", pa.string()), ("label_region", pa.string()), ("label_subregion", pa.string()),
+    ("label_city", pa.string()),
 ])
 LEDGER_SCHEMA = pa.schema([(name, pa.string()) for name in
                            ("source", "input_id", "key", "stage", "reason", "detail", "part")])

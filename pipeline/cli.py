@@ -20,16 +20,29 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropBeamGcpNotice(logging.Filter):
+    """Beam says "apitools not found" at import whenever its GCP extras are absent; only Dataflow
+    and gs:// need them, and the line would stand before every error message we print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("apitools not found")
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropBeamGcpNotice())
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)  # its INFO is runner chatter; -v shows it
     parser = make_parser()
     # Only `build` passes unknown flags on (to Beam's PipelineOptions); elsewhere they are errors.
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
-                        force=True)  # Beam logs at import time, which would make basicConfig a no-op
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.verbose:
+        logging.getLogger("apache_beam").setLevel(logging.INFO)
     return int(args.func(args) or 0)
 
 

@@ -96,6 +96,21 @@ class LvlmPartStage(Stage):
         if self.names is None:
             self.names = country_names()
 
+    def triage(self, records: list) -> tuple[list, list[int]]:
+        """(outcomes, indices to work on): records not selected stay unchanged (no sample, no ledger
+        row), records unfit for a request get their Reject, the rest are listed."""
+        outcomes: list = list(records)
+        todo = []
+        for i, record in enumerate(records):
+            if not self.selection(record.key):
+                continue
+            problem = self.input_problem(record)
+            if problem:
+                outcomes[i] = problem
+            else:
+                todo.append(i)
+        return outcomes, todo
+
     def backend_stats(self) -> dict:
         """The backend's counters (requests, retries, cache hits, tokens, latency) for the report."""
         return self._backend.stats() if self._backend is not None else {}
@@ -160,8 +175,9 @@ class LvlmPartStage(Stage):
         for r in results:
             for k in usage:
                 usage[k] += int((r.usage or {}).get(k) or 0)
+        # Answers, not whether this run read them from the cache: that would make a resumed run's
+        # shards differ from a fresh one's (cache hits are counted in report.json instead).
         usage["requests"] = len(results)
-        usage["cached"] = sum(1 for r in results if r.cached)
         return {"prompt_version": self.prompts.version, "schema_version": self.schema.version,
                 "backend": results[0].backend, "model": results[0].model, "params": dict(self.params),
                 "usage": usage}
@@ -190,16 +206,7 @@ class ClueStage(LvlmPartStage):
         return self.process_batch([record])[0]
 
     def process_batch(self, records: list) -> list:
-        outcomes: list = list(records)  # not selected: unchanged, no sample, no ledger row
-        todo = []
-        for i, record in enumerate(records):
-            if not self.selection(record.key):
-                continue
-            problem = self.input_problem(record)
-            if problem:
-                outcomes[i] = problem
-                continue
-            todo.append(i)
+        outcomes, todo = self.triage(records)
         requests = []
         for i in todo:
             record = records[i]

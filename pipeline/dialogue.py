@@ -208,16 +208,8 @@ class DialogueStage(LvlmPartStage):
         return self.process_batch([record])[0]
 
     def process_batch(self, records: list) -> list:
-        outcomes: list = list(records)  # not selected: unchanged, no sample, no ledger row
-        conversations: dict = {}
-        for i, record in enumerate(records):
-            if not self.selection(record.key):
-                continue
-            problem = self.input_problem(record)
-            if problem:
-                outcomes[i] = problem
-                continue
-            conversations[i] = _Conversation(record, self.mode_of(record.key))
+        outcomes, todo = self.triage(records)
+        conversations = {i: _Conversation(records[i], self.mode_of(records[i].key)) for i in todo}
 
         # Turn 1: every blind guess of the batch in one call.
         order = list(conversations)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import outdir
+from pipeline.agreement import label_agreement
 
 
 def read_parquet(path: str):
@@ -89,5 +90,6 @@ def build_report(config, metrics: dict) -> dict:
         "country_disagreements": sum(1 for r in first if r["country_disagreement"]),
         "conservation": cons,
         "conservation_ok": all(v["ok"] for v in cons.values()),
+        "label_agreement": label_agreement(first),
         "stages": metrics,
     }

@@ -16,6 +16,7 @@ import jsonschema
 from apache_beam.metrics import Metrics
 
 from pipeline import writer
+from pipeline.agreement import manifest_labels
 from pipeline.data_files import load_json
 from pipeline.record import Record, Reject, Rejection
 
@@ -46,6 +47,7 @@ def manifest_row(record: Record, part: str, shard: str) -> dict:
         "country_disagreement": loc.get("country_disagreement"),
         "sha256": img.get("sha256"), "phash": img.get("phash"),
         "width": img.get("width"), "height": img.get("height"),
+        **manifest_labels(record),  # a source's own labels (OSV-5M), for the report's agreement
     }
 
 

@@ -55,7 +55,7 @@ def _lines(stdin, stdout, interactive: bool):
 
 def run(args) -> int:
     from pipeline.assistant import Assistant, PhotoError, load_photo
-    from pipeline.lvlm import check_backend, make_backend
+    from pipeline.lvlm import open_backend
     from pipeline.lvlm.options import options_from_args
     from pipeline.lvlm.types import LvlmUnavailable
 
@@ -68,9 +68,7 @@ def run(args) -> int:
         return EXIT_BAD_INPUT
     options = options_from_args(args)
     try:
-        check_backend(options)
-        backend = make_backend(options)
-        backend.load_model()
+        backend = open_backend(options)
     except LvlmUnavailable as exc:
         print(f"mg-geo chat: no model to talk to: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

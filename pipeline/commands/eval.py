@@ -143,7 +143,7 @@ def _run_model(args) -> int:
     from pipeline.evaluate.predictions import read_ground_truth, read_predictions
     from pipeline.evaluate.shards import iter_samples
     from pipeline.evaluate.single import predict_split
-    from pipeline.lvlm import check_backend, make_backend
+    from pipeline.lvlm import open_backend
     from pipeline.lvlm.options import options_from_args
     from pipeline.lvlm.types import LvlmUnavailable
 
@@ -155,9 +155,7 @@ def _run_model(args) -> int:
         return EXIT_BAD_INPUT
     options = options_from_args(args)
     try:
-        check_backend(options)
-        backend = make_backend(options)
-        backend.load_model()
+        backend = open_backend(options)
     except LvlmUnavailable as exc:
         print(f"mg-geo eval: no model to evaluate: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -22,7 +22,7 @@ from pipeline.lvlm.types import (LvlmBackend, LvlmRequest, LvlmResult, LvlmUnava
 
 __all__ = ["LvlmBackend", "LvlmOptions", "LvlmRequest", "LvlmResult", "LvlmUnavailable",
            "add_lvlm_arguments", "options_from_args", "make_backend", "check_backend",
-           "shared_backend", "reset_shared_backends", "merge_stats", "resolve_backend", "DEFAULT_TRANSFORMERS_MODEL"]
+           "shared_backend", "open_backend", "reset_shared_backends", "merge_stats", "resolve_backend", "DEFAULT_TRANSFORMERS_MODEL"]
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 5.0
 
@@ -61,11 +61,23 @@ def shared_backend(options: LvlmOptions) -> LvlmBackend:
         return backend
 
 
+def open_backend(options: LvlmOptions) -> LvlmBackend:
+    """For a command that talks to one model (eval, chat): check, make and load it, or raise
+    LvlmUnavailable with the reason."""
+    check_backend(options)
+    backend = make_backend(options)
+    backend.load_model()
+    return backend
+
+
 def reset_shared_backends() -> None:
     """Forget this process's shared backends, so a new build run in the same process (the
     in-process runner, tests) starts with fresh counters instead of the last run's."""
     with _shared_lock:
+        backends = list(_shared.values())
         _shared.clear()
+    for backend in backends:
+        backend.close()  # its event-loop thread and connection pool
 
 
 def check_backend(options: LvlmOptions, probe: bool = True) -> None:

@@ -333,9 +333,7 @@ def to_openai_messages(messages: list[dict], image_url: Optional[str]) -> list[d
 
 
 def _data_url(request: LvlmRequest) -> Optional[str]:
-    has_image = any(isinstance(m.get("content"), list) and any(p.get("type") == "image" for p in m["content"])
-                    for m in request.messages)
-    if not has_image:
+    if not request.has_image():
         return None
     if not request.image_jpeg:
         raise ValueError("the messages have an image part but the request has no image_jpeg")

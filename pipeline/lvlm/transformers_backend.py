@@ -245,9 +245,7 @@ class TransformersBackend(LvlmBackend):
 
 def _decode_image(request: LvlmRequest):
     """The request's JPEG as an RGB PIL image, or None when the messages have no image part."""
-    has_image = any(isinstance(m.get("content"), list) and any(p.get("type") == "image" for p in m["content"])
-                    for m in request.messages)
-    if not has_image:
+    if not request.has_image():
         return None
     if not request.image_jpeg:
         raise ValueError("the messages have an image part but the request has no image_jpeg")

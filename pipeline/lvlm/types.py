@@ -51,6 +51,11 @@ class LvlmRequest:
     params: dict = field(default_factory=dict)  # sampling: temperature, max_tokens, seed
     request_id: str = ""        # for logs (record key + purpose), never part of the cache key
 
+    def has_image(self) -> bool:
+        """Whether the messages carry the {"type": "image"} placeholder (then image_jpeg must be set)."""
+        return any(isinstance(m.get("content"), list) and any(p.get("type") == "image" for p in m["content"])
+                   for m in self.messages)
+
     @staticmethod
     def sha256(data: Optional[bytes]) -> str:
         return hashlib.sha256(data).hexdigest() if data is not None else ""

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pipeline.sources.base import Source, SourceError
 from pipeline.sources.exif import ExifSource
+from pipeline.sources.osv5m import Osv5mSource
 from pipeline.sources.table import TableSource
 from pipeline.sources.wds import WdsSource
 
-KINDS = {"exif": ExifSource, "table": TableSource, "wds": WdsSource}
+KINDS = {"exif": ExifSource, "table": TableSource, "wds": WdsSource, "osv5m": Osv5mSource}
 
 
 def parse_source(spec: str, options=None) -> Source:
