@@ -17,6 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline import outdir, writer
 from pipeline.beam_stage import ApplyStage, stage_metrics
 from pipeline.dedupe import Dedupe
+from pipeline.dedupe_split import DedupeAndSplit
 from pipeline.geocode import GeocodeStage
 from pipeline.image import ImageStage
 from pipeline.meta import MetaStage
@@ -107,9 +108,9 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
         records, more = records | stage.name.capitalize() >> ApplyStage(stage)
         rejected.append(more)
     records = records | "Stash" >> beam.Map(stash, config.out)  # bytes leave the shuffles
-    records, more = records | "Dedupe" >> Dedupe(radius=config.dedupe_radius)
+    records, more = records | "DedupeSplit" >> DedupeAndSplit(
+        Dedupe(radius=config.dedupe_radius), AssignSplit(ratios=config.split_ratios, link_km=config.split_link_km))
     rejected.append(more)
-    records = records | "Split" >> AssignSplit(ratios=config.split_ratios, link_km=config.split_link_km)
     if "meta" in config.parts:
         records, more = records | "Meta" >> ApplyStage(MetaStage())
         rejected.append(more)

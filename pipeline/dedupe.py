@@ -287,15 +287,18 @@ class Dedupe(beam.PTransform):
         band_layout(radius)  # a bad radius fails when the graph is built, not on a worker
         self.radius = radius
 
-    def expand(self, records):
+    def plan(self, records):
+        """The global decision as one element {dropped_key: Reject}, for a side input."""
         radius = self.radius
-        plan = (records
+        return (records
                 | "Info" >> beam.FlatMap(_info_or_nothing)
                 | "GroupKeys" >> beam.FlatMap(group_entries, radius)
                 | "Group" >> beam.GroupByKey()
                 | "Edges" >> beam.FlatMapTuple(group_edges, radius)
                 | "AllEdges" >> beam.combiners.ToList()
                 | "Resolve" >> beam.Map(plan_rejects))
+
+    def expand(self, records):
         result = records | "Partition" >> beam.ParDo(
-            _PartitionFn(), beam.pvalue.AsSingleton(plan)).with_outputs(REJECTED, main="kept")
+            _PartitionFn(), beam.pvalue.AsSingleton(self.plan(records))).with_outputs(REJECTED, main="kept")
         return result.kept, result[REJECTED]

@@ -70,9 +70,11 @@ class MetaStage(Stage):
                        "answer": tpl["answers"][ai].render(**values), "template": f"{level}/q{qi}a{ai}"})
         messages = []
         for i, item in enumerate(qa):
-            content = [{"type": "text", "text": item["question"]}]
+            content = [{"type": "text", "text": item.pop("question")}]
             if i == 0:
                 content.insert(0, {"type": "image"})
             messages.append({"role": "user", "content": content})
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": item["answer"]}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": item.pop("answer")}]})
+        # qa keeps which level and phrasing each turn pair is; the text itself lives in messages
+        # only (held twice, it was a third of every record the runner shuffles).
         return record.replace(meta={"template_version": self.version, "messages": messages, "qa": qa})

@@ -172,11 +172,16 @@ class AssignSplit(beam.PTransform):
         self.ratios = check_ratios(ratios)  # bad settings fail when the graph is built
         self.link_km = check_link_km(link_km)
 
+    def plan(self, records):
+        """The linked cells as one element {cell: unit root}, for a side input."""
+        return (records
+                | "Cell" >> beam.Map(_record_cell, self.link_km)
+                | "Distinct" >> beam.Distinct()
+                | "AllCells" >> beam.combiners.ToList()
+                | "Link" >> beam.Map(_linked_roots_logged))
+
+    def assign_fn(self) -> beam.DoFn:
+        return _AssignFn(self.ratios, self.link_km)
+
     def expand(self, records):
-        roots = (records
-                 | "Cell" >> beam.Map(_record_cell, self.link_km)
-                 | "Distinct" >> beam.Distinct()
-                 | "AllCells" >> beam.combiners.ToList()
-                 | "Link" >> beam.Map(_linked_roots_logged))
-        return records | "Assign" >> beam.ParDo(
-            _AssignFn(self.ratios, self.link_km), beam.pvalue.AsSingleton(roots))
+        return records | "Assign" >> beam.ParDo(self.assign_fn(), beam.pvalue.AsSingleton(self.plan(records)))

@@ -27,7 +27,8 @@ def test_meta_sample_is_chat_format_with_the_hierarchy():
     assert [m["role"] for m in msgs] == ["user", "assistant"] * 4
     assert msgs[0]["content"][0] == {"type": "image"}
     assert sum(part["type"] == "image" for m in msgs for part in m["content"]) == 1
-    answers = " ".join(q["answer"] for q in meta["qa"])
+    assert [q["level"] for q in meta["qa"]] == ["country", "region", "city", "coordinates"]
+    answers = " ".join(m["content"][0]["text"] for m in msgs if m["role"] == "assistant")
     for label in ("France", "Europe", "Ile-de-France", "Paris", "48.8566", "2.3522"):
         assert label in answers
 
@@ -36,13 +37,14 @@ def test_missing_admin1_drops_the_region_question_and_southern_west_coordinates_
     record = _record(2, admin1="").replace(lat=-33.9, lon=-70.6)
     meta = run_stage(MetaStage(), [record])[0][0].meta
     assert "region" not in [q["level"] for q in meta["qa"]]
-    assert "33.9000° S" in meta["qa"][-1]["answer"] or "-33.9000" in meta["qa"][-1]["answer"]
+    last_answer = meta["messages"][-1]["content"][0]["text"]
+    assert "33.9000° S" in last_answer or "-33.9000" in last_answer
 
 
 def test_phrasing_is_deterministic_and_varied():
     records = [_record(i) for i in range(200)]
-    first = [r.meta["qa"][0]["question"] for r in run_stage(MetaStage(), records)[0]]
-    again = [r.meta["qa"][0]["question"] for r in run_stage(MetaStage(), records)[0]]
+    first = [r.meta["messages"][0]["content"][1]["text"] for r in run_stage(MetaStage(), records)[0]]
+    again = [r.meta["messages"][0]["content"][1]["text"] for r in run_stage(MetaStage(), records)[0]]
     assert first == again
     assert len(Counter(first)) == 4 and min(Counter(first).values()) > 20
 
