@@ -23,10 +23,10 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade pip
 
 # The CPU torch goes in first, so the `train` extra's torch range is already met and pip never
-# fetches CUDA wheels.
+# fetches CUDA wheels. download = img2dataset, gcp = Beam's Dataflow/GCS IO (both tested).
 install: $(BIN)/python
 	$(BIN)/pip install $(TORCH_CPU)
-	$(BIN)/pip install -e '.[dev,train]'
+	$(BIN)/pip install -e '.[dev,train,download,gcp]'
 
 test:
 	$(BIN)/python -m pytest -q

@@ -63,6 +63,9 @@ setup(
     extras_require={
         "dev": ["pytest>=8,<10"],
         "train": TRAIN_REQUIRES,
+        "download": ["img2dataset>=1.47,<2"],  # `mg-geo download`: URL tables -> WebDataset shards
+        # Dataflow and gs:// (Beam's GCP IO); the tests validate a Dataflow job graph offline.
+        "gcp": ["apache-beam[gcp]>=2.60,<3"],
     },
     entry_points={"console_scripts": ["mg-geo=pipeline.cli:main"]},
 )

@@ -61,7 +61,11 @@ class ReadStage(Stage):
         try:
             # UNCOMPRESSED: AUTO would silently gunzip a file that happens to be named *.gz.
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                data = handle.read(self.max_bytes + 1)  # +1: notice a file that grew after stat
+                # read(n) allocates n bytes up front: ask for the stat size (+1 to notice a file
+                # that grew since), not the 64 MiB limit, which made every read a 64 MiB allocation.
+                data = handle.read(size + 1)
+                if len(data) > size:
+                    data += handle.read(self.max_bytes + 1 - len(data))
         except FileNotFoundError:
             return Reject("missing_file", f"{path} disappeared before it could be read")
         except _BUGS:

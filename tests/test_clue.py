@@ -264,7 +264,7 @@ def test_good_answers_become_samples_in_one_batched_call(jpeg):
     assert sample["prompt_version"] == "clue/v1" and sample["schema_version"] == "clue-schema/v1"
     assert sample["backend"] == "fake" and sample["model"] == "fake-vlm-1"
     assert sample["params"] == {"max_tokens": 800, "seed": 7, "temperature": 0.2}
-    assert sample["usage"] == {"prompt_tokens": 120, "completion_tokens": 40, "requests": 1, "cached": 0}
+    assert sample["usage"] == {"prompt_tokens": 120, "completion_tokens": 40, "requests": 1}
     assert kept[4].clue["country"] == "USA"                               # an alias is the right country
     json.dumps(kept[0].to_json())                                         # the shard json serialises
 

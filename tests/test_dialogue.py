@@ -296,7 +296,7 @@ def test_every_sample_records_how_it_was_made(jpeg):
         assert sample["prompt_version"] == "dialogue/v1" and sample["schema_version"] == "prediction-schema/v1"
         assert sample["backend"] == "fake" and sample["model"] == "fake-vlm-1"
         assert sample["params"] == {"max_tokens": 400, "seed": 1, "temperature": 0.3}
-        assert sample["usage"] == {"prompt_tokens": 300, "completion_tokens": 90, "requests": 3, "cached": 0}
+        assert sample["usage"] == {"prompt_tokens": 300, "completion_tokens": 90, "requests": 3}
         assert sample["messages"][1]["train"] is False
         json.dumps(record.to_json())
     assert "France" in texts(kept["paris.jpg"].dialogue)[3]

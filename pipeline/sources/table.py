@@ -266,18 +266,27 @@ class TableSource(Source):
         yield self.location
 
     def records(self, path):
+        for _columns, _row, record, reject in self.row_records(path):
+            yield record, reject
+
+    def row_records(self, path):
+        """(columns, row, record, reject) per row: the parsed row (dict of text, a BadRow, or None
+        for the table_corrupt record) beside what `records` yields; `mg-geo download` needs the
+        row's own cells (the id column too) to hand every column to img2dataset."""
         folder = FileSystems.split(path)[0]
         used_ids: set[str] = set()
         done = 0  # rows turned into records so far
+        columns = None
         try:
             with open_table(path, self._format()) as (names, rows):
                 columns = self.columns(names)
                 for row in rows:
-                    yield self._row_record(columns, folder, done, row, used_ids)
+                    yield (columns, row, *self._row_record(columns, folder, done, row, used_ids))
                     done += 1
         except Exception as exc:  # noqa: BLE001 - a table broken mid-way must not lose rows silently
             input_id = f"{posixpath.basename(path)}#corrupt"
-            yield (Record(key=make_key(self.spec, input_id), source=self.spec, input_id=input_id,
+            yield (columns, None,
+                   Record(key=make_key(self.spec, input_id), source=self.spec, input_id=input_id,
                           provenance={"table": path}),
                    Reject("table_corrupt", f"{done} rows read, the rest could not be read: "
                                            f"{type(exc).__name__}: {exc}"))
@@ -310,8 +319,9 @@ class TableSource(Source):
 
     @staticmethod
     def _image_path(folder: str, image: str) -> str:
-        # URLs pass as they are (the read stage names them url_not_downloaded); other schemes
-        # (gs://) and absolute paths too; a relative path is relative to the table's folder.
+        # URLs pass as they are (`mg-geo download` fetches them; a build straight from the table
+        # names them url_not_downloaded); other schemes (gs://) and absolute paths too; a relative
+        # path is relative to the table's folder.
         if is_url(image) or "://" in image or image.startswith("/"):
             return image
         joined = join(folder, image)

@@ -16,6 +16,7 @@ import braceexpand
 from apache_beam.io.filesystems import FileSystems
 from webdataset import tariterators
 
+from pipeline.download import failed_downloads
 from pipeline.record import Record, Reject, make_key
 from pipeline.sources.base import IMAGE_EXTENSIONS, Source, SourceError, relative_to
 from pipeline.sources.table import LAT_COLUMNS, LON_COLUMNS, open_decompressed, value_text
@@ -122,6 +123,12 @@ class WdsSource(Source):
         return posixpath.dirname(fixed) if "/" in fixed else ""
 
     def records(self, shard):
+        yield from self._tar_records(shard)
+        # img2dataset's NNNNN.parquet beside the shard lists the URLs it could not fetch: each
+        # becomes a ledger row, so `mg-geo download` + build account for every URL.
+        yield from failed_downloads(self.spec, relative_to(self._root(), shard), shard)
+
+    def _tar_records(self, shard):
         name = relative_to(self._root(), shard)
         done, held, problem = 0, None, None
         try:

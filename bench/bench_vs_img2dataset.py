@@ -1,0 +1,185 @@
+"""Benchmark: MG-Geo against img2dataset on the same photos, in one run (so machine noise is shared).
+
+N generated photos (pipeline.sample_images, plus its few bad files) are served by a loopback HTTP
+server (tests/http_photo_server.py) and compared three ways, each with 2 processes:
+  (a) img2dataset alone: URLs -> webdataset, resized to a longer side of 768 (keep_ratio_largest,
+      only if bigger, as our image stage), img2dataset's other defaults (EXIF extraction, sha256);
+  (b) ours: `mg-geo download` (img2dataset keeping the original bytes) + the Meta build of the
+      downloaded shards (run_build, DirectRunner multi_processing, 2 workers);
+  (c) ours: the Meta build from the local files (exif: source) against img2dataset on the same
+      files; img2dataset fetches with urllib, which opens file:// URLs, so it reads them from disk.
+Throughput is input photos per wall second; ratios are ours / img2dataset's. --profile runs our
+build of the local files once more in-process under cProfile and prints where the time goes.
+
+    python bench/bench_vs_img2dataset.py [--n 2000] [--threads 16] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import csv
+import io
+import json
+import os
+import pstats
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from http_photo_server import PhotoServer  # noqa: E402
+from pipeline.build import BuildConfig, run_build  # noqa: E402
+from pipeline.download import DownloadOptions, img2dataset_download, run_download  # noqa: E402
+from pipeline.sample_images import EXPECTED_FILE, write_samples  # noqa: E402
+
+
+
+def photos_dir(work: Path, n: int, seed: int) -> Path:
+    # Same name and seed as bench/bench_build.py: the two benchmarks share the generated photos.
+    photos = work / (f"samples-{n}" if seed == 1 else f"samples-{n}-seed{seed}")
+    if not (photos / EXPECTED_FILE).exists():
+        t = time.perf_counter()
+        write_samples(str(photos), n, seed=seed)
+        print(f"generated {n} sample photos in {time.perf_counter() - t:.1f}s", flush=True)
+    return photos
+
+
+def write_tables(photos: Path, base_url: str, out: Path) -> tuple[int, Path, Path, Path]:
+    """(photos, csv of http URLs for ours, parquet of the same for img2dataset, parquet of file://)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    entries = [json.loads(line) for line in (photos / EXPECTED_FILE).read_text().splitlines()]
+    rows = [{"id": e["file"], "url": f"{base_url}/photos/{e['file']}",
+             "lat": "" if e["lat"] is None else repr(e["lat"]),
+             "lon": "" if e["lon"] is None else repr(e["lon"])} for e in entries]
+    out.mkdir(parents=True, exist_ok=True)
+    http_csv = out / "urls.csv"
+    with open(http_csv, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "url", "lat", "lon"])
+        writer.writeheader()
+        writer.writerows(rows)
+    http_parquet, file_parquet = out / "urls.parquet", out / "files.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), http_parquet)
+    files = [{**r, "url": (photos / r["id"]).resolve().as_uri()} for r in rows]
+    pq.write_table(pa.Table.from_pylist(files), file_parquet)
+    return len(rows), http_csv, http_parquet, file_parquet
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def img2dataset_alone(url_list: Path, out: Path, args) -> tuple[float, int]:
+    start = time.perf_counter()
+    img2dataset_download(
+        url_list=str(url_list), input_format="parquet", url_col="url",
+        save_additional_columns=["id", "lat", "lon"], output_folder=str(fresh(out)),
+        output_format="webdataset", image_size=args.side, resize_mode="keep_ratio_largest",
+        resize_only_if_bigger=True, processes_count=args.processes, thread_count=args.threads,
+        number_sample_per_shard=args.samples_per_shard, timeout=args.timeout)
+    wall = time.perf_counter() - start
+    ok = sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
+    return wall, ok
+
+
+def our_build(source: str, out: Path, beam_args: list[str]) -> tuple[float, dict]:
+    start = time.perf_counter()
+    report = run_build(BuildConfig(sources=[source], out=str(fresh(out)), max_side=768), beam_args)
+    return time.perf_counter() - start, report
+
+
+def profile_build(source: str, out: Path, top: int) -> None:
+    """Our build in one process (FnApiRunner, in memory) so cProfile sees the stages' own work."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run_build(BuildConfig(sources=[source], out=str(fresh(out)), max_side=768), [])
+    profiler.disable()
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(top)
+        lines = text.getvalue().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
+        print(f"\n--- cProfile, our build of the local files in one process, top {top} by {key} ---")
+        print("\n".join(lines[start - 1:]))
+
+
+def stage_seconds(report: dict) -> str:
+    stages = {name: c.get("micros", 0) / 1e6 for name, c in report.get("stages", {}).items() if c.get("micros")}
+    return ", ".join(f"{k} {v:.1f}s" for k, v in sorted(stages.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=2000, help="generated photos (default 2000)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--work", default=".bench-out")
+    parser.add_argument("--processes", type=int, default=2, help="img2dataset processes, Beam workers (default 2)")
+    parser.add_argument("--threads", type=int, default=16, help="img2dataset threads per process (default 16)")
+    parser.add_argument("--samples-per-shard", type=int, default=250,
+                        help="img2dataset shard size (default 250: img2dataset spreads shards, not rows)")
+    parser.add_argument("--side", type=int, default=768)
+    parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--profile", action="store_true", help="also cProfile our local-files build")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+
+    work = Path(args.work).resolve()
+    photos = photos_dir(work, args.n, args.seed)
+    vs = work / "vs-img2dataset"
+    beam_args = [f"--direct_num_workers={args.processes}", "--direct_running_mode=multi_processing"]
+    results = {}
+    with PhotoServer(folders={"/photos/": photos}, max_concurrent=256) as server:
+        n, http_csv, http_parquet, file_parquet = write_tables(photos, server.base, vs / "tables")
+        print(f"{n} photos ({args.n} good + bad ones), {args.processes} processes, "
+              f"{args.threads} threads each, {os.cpu_count()} CPUs", flush=True)
+
+        wall, ok = img2dataset_alone(http_parquet, vs / "a-img2dataset-http", args)
+        results["a_img2dataset_http"] = {"wall_s": wall, "ok": ok}
+        print(f"(a) img2dataset, http:            {wall:7.1f}s  {n / wall:7.1f} img/s  ({ok} written)", flush=True)
+
+        start = time.perf_counter()
+        summary = run_download(f"table:{http_csv}", str(fresh(vs / "b-download")), DownloadOptions(
+            processes=args.processes, threads=args.threads, timeout_s=args.timeout,
+            samples_per_shard=args.samples_per_shard))
+        dl_wall = time.perf_counter() - start
+    build_wall, report = our_build(f"wds:{summary['wds_pattern']}", vs / "b-build", beam_args)
+    wall = dl_wall + build_wall
+    results["b_ours_http"] = {"wall_s": wall, "download_s": dl_wall, "build_s": build_wall,
+                              "samples": report["samples"].get("meta", {}).get("total", 0),
+                              "conservation_ok": report["conservation_ok"]}
+    print(f"(b) ours, http: download + build: {wall:7.1f}s  {n / wall:7.1f} img/s  (download {dl_wall:.1f}s "
+          f"{n / dl_wall:.1f} img/s, build {build_wall:.1f}s; {results['b_ours_http']['samples']} samples)", flush=True)
+    print(f"    build stage seconds (summed over workers): {stage_seconds(report)}")
+
+    wall, report = our_build(f"exif:{photos}", vs / "c-build", beam_args)
+    results["c_ours_files"] = {"wall_s": wall, "samples": report["samples"].get("meta", {}).get("total", 0)}
+    print(f"(c) ours, local files (exif:):    {wall:7.1f}s  {n / wall:7.1f} img/s  "
+          f"({results['c_ours_files']['samples']} samples)", flush=True)
+    print(f"    build stage seconds (summed over workers): {stage_seconds(report)}")
+    wall, ok = img2dataset_alone(file_parquet, vs / "c-img2dataset-files", args)
+    results["c_img2dataset_files"] = {"wall_s": wall, "ok": ok}
+    print(f"(c) img2dataset, file:// URLs:    {wall:7.1f}s  {n / wall:7.1f} img/s  ({ok} written)", flush=True)
+
+    for r in results.values():
+        r["img_per_s"] = round(n / r["wall_s"], 2)
+        r["wall_s"] = round(r["wall_s"], 2)
+    ratio_http = results["b_ours_http"]["img_per_s"] / results["a_img2dataset_http"]["img_per_s"]
+    ratio_files = results["c_ours_files"]["img_per_s"] / results["c_img2dataset_files"]["img_per_s"]
+    print(f"\nratio ours/img2dataset, http (b)/(a):   {ratio_http:.2f}x   (goal >= 1.5x)")
+    print(f"ratio ours/img2dataset, files (c):      {ratio_files:.2f}x   (goal >= 1.5x)")
+    print(json.dumps({"n": n, "processes": args.processes, "threads": args.threads, "cpus": os.cpu_count(),
+                      "ratio_http": round(ratio_http, 3), "ratio_files": round(ratio_files, 3),
+                      "results": results}))
+    if args.profile:
+        profile_build(f"exif:{photos}", vs / "profile-build", args.top)
+    return 0
+
+
+if __name__ == "__main__":  # img2dataset's workers are spawned: they re-import this file
+    sys.exit(main())
