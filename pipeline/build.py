@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
 from pipeline import outdir, writer
 from pipeline.beam_stage import ApplyStage, stage_metrics
@@ -166,10 +166,19 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     if {"clue", "dialogue"} & set(config.parts):
         from pipeline.llm_parts import check_llm
         check_llm(config)
-    outdir.prepare(config.out)
     options = PipelineOptions(beam_args)
+    dry_run = options.view_as(TestOptions).dry_run
+    if not dry_run:
+        outdir.prepare(config.out)
     with beam.Pipeline(runner=default_runner(beam_args), options=options) as p:
         build_pipeline(p, config, sources)
+    if dry_run:
+        # The runner translated and checked the job graph without submitting it (Dataflow can do
+        # this offline and without credentials); nothing ran, so there is nothing to report.
+        job = getattr(p.result, "job", None)
+        return {"dry_run": True, "runner": type(p.runner).__name__,
+                "job_name": getattr(getattr(job, "proto", None), "name", None),
+                "transforms": len(p.to_runner_api().components.transforms)}
     metrics = stage_metrics(p.result)
     rep = report.build_report(config, metrics)
     if {"clue", "dialogue"} & set(config.parts):

@@ -95,6 +95,9 @@ def run(args) -> int:
         # A bad argument: one clear message, no traceback, nothing built.
         print(f"mg-geo build: error: {exc}", file=sys.stderr)
         return 2
+    if report.get("dry_run"):
+        print(json.dumps(report, indent=1))
+        return 0
     summary = {"out": config.out, "inputs": report["inputs_total"], "samples": report["samples"],
                "rejected": report["rejected_total"], "conservation_ok": report["conservation_ok"]}
     print(json.dumps(summary, indent=1))
