@@ -67,6 +67,18 @@ def reject_for_pillow_error(exc: Exception, action: str) -> Reject:
     return Reject("decode_error", text)
 
 
+PHASH_INPUT_SIDE = 128  # phash looks at a 32x32 LANCZOS thumbnail; 4x that is plenty of signal
+
+
+def perceptual_hash(pixels: Image.Image) -> str:
+    """imagehash.phash, after a cheap box reduction to ~128 px: LANCZOS from the full picture to
+    32x32 was a quarter of the image stage's time (profiled), and the DCT only keeps the lowest
+    frequencies, which the reduction does not touch."""
+    factor = min(pixels.size) // PHASH_INPUT_SIDE
+    small = pixels.reduce(factor) if factor >= 2 else pixels
+    return str(imagehash.phash(small))
+
+
 class ImageStage(Stage):
     name = "image"
 
@@ -124,7 +136,7 @@ class ImageStage(Stage):
             "orig_format": source_format,
             "orientation": orientation,
             "sha256": hashlib.sha256(data).hexdigest(),
-            "phash": str(imagehash.phash(pixels)),
+            "phash": perceptual_hash(pixels),
             "jpeg_bytes": len(jpeg),
         }
         return record.replace(image_bytes=jpeg, image=facts)
