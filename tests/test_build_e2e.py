@@ -20,7 +20,7 @@ from pipeline.build import BuildConfig, run_build
 from pipeline.cli import main
 from pipeline.data_files import load_json
 from pipeline.writer import ShardLimits
-from e2e_inputs import make_inputs
+from made_inputs import make_inputs
 
 
 def _config(inputs, out: Path, **kw) -> BuildConfig:

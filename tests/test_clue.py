@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import pickle
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from pipeline.clue import ClueStage, place_text
 from pipeline.lvlm.types import LvlmBackend, LvlmResult
@@ -20,6 +18,7 @@ from pipeline.quality import ClueThresholds, country_names, has_coordinates
 from pipeline.record import Record, make_key
 from pipeline.selection import Selection, country_quotas, in_fraction, parse_target, select
 from pipeline.stage import run_stage
+from made_inputs import small_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,13 +41,7 @@ COORDS = {"UA": (49.8397, 24.0297), "US": (42.3601, -71.0589), "CI": (5.36, -4.0
 
 @pytest.fixture(scope="module")
 def jpeg(exif_samples) -> bytes:
-    """A real camera photo, re-encoded small like the image stage's output."""
-    with Image.open(exif_samples / "gps" / "DSCN0010.jpg") as im:
-        im = im.convert("RGB")
-        im.thumbnail((64, 64))
-        out = io.BytesIO()
-        im.save(out, "JPEG", quality=80)
-    return out.getvalue()
+    return small_jpeg(exif_samples / "gps" / "DSCN0010.jpg")
 
 
 def make_record(name: str, jpeg: bytes, location: dict = LVIV, clue=None) -> Record:

@@ -2,19 +2,18 @@
 driven by a scripted in-process LVLM backend (no network, no model)."""
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections import Counter
 
 import pytest
-from PIL import Image
 
 from pipeline.dialogue import DialogueStage, neighbour_names, same_region, score_prediction
 from pipeline.lvlm.types import LvlmBackend, LvlmResult
 from pipeline.quality import country_names
 from pipeline.record import Record, make_key
 from pipeline.stage import run_stage
+from made_inputs import small_jpeg
 
 LVIV = {"continent": "Europe", "country_code": "UA", "country": "Ukraine", "sovereign_code": "UA",
         "sovereign": "Ukraine", "admin1": "Lviv", "admin2": "", "city": "L'viv",
@@ -42,12 +41,7 @@ TRUTH = {"UA": LVIV, "FR": PARIS}
 
 @pytest.fixture(scope="module")
 def jpeg(exif_samples) -> bytes:
-    with Image.open(exif_samples / "gps" / "DSCN0012.jpg") as im:
-        im = im.convert("RGB")
-        im.thumbnail((64, 64))
-        out = io.BytesIO()
-        im.save(out, "JPEG", quality=80)
-    return out.getvalue()
+    return small_jpeg(exif_samples / "gps" / "DSCN0012.jpg")
 
 
 def make_record(name: str, jpeg: bytes, location: dict = LVIV, clue=None) -> Record:

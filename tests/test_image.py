@@ -15,6 +15,7 @@ from PIL import ExifTags, Image, ImageCms, ImageFile
 from pipeline.image import DEFAULT_MAX_PIXELS, ImageStage
 from pipeline.record import Record
 from pipeline.stage import run_stage
+from made_inputs import png_claiming
 
 # JPEG markers an image needs to decode: SOFn, DHT, DQT, DRI, SOS, APP0 (JFIF). Anything else
 # (APP1 EXIF/XMP, APP2 ICC, APP13 IPTC, COM comments) is metadata and must not be in the output.
@@ -55,15 +56,6 @@ def assert_clean_jpeg(data: bytes, max_side: int = 768) -> Image.Image:
         assert needle not in data
     assert set(out.info) <= {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi"}
     return out
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height pixels (the data is a few zero rows)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
 
 
 def encoded(im: Image.Image, fmt: str = "PNG", **params) -> bytes:

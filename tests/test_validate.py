@@ -5,8 +5,6 @@ import decimal
 import io
 import math
 import random
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from pipeline.exif_gps import GpsError, gps_from_ifd
 from pipeline.record import Record
 from pipeline.stage import run_stage
 from pipeline.validate import ValidateStage
+from made_inputs import png_claiming
 
 # gps/*.jpg: the README there only names the origin (gaia-gis spatialite samples), no values.
 # These are the stored EXIF degrees/minutes/seconds (N, E) written as decimal degrees, e.g.
@@ -58,15 +57,6 @@ def image_with_gps(gps: dict, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (48, 32), (90, 120, 200)).save(buf, fmt, exif=exif.tobytes())
     return buf.getvalue()
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height pixels (the data is a few zero rows)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
 
 
 # --- real photos -------------------------------------------------------------------------------

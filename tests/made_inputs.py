@@ -1,5 +1,5 @@
-"""Generated inputs for the end-to-end build: every kind of bad input the issue names, next to
-good ones, each with the ledger reason (or "ok") the build must give it."""
+"""Inputs the tests make: every kind of bad input the issue names next to good ones (with the
+reason each must get), and small helpers (a PNG claiming huge dimensions, a small real JPEG)."""
 from __future__ import annotations
 
 import csv
@@ -23,14 +23,24 @@ def gps_jpeg(lat: tuple, lat_ref: str, lon: tuple, lon_ref: str, colour=(90, 120
     return buf.getvalue()
 
 
-def huge_png(width: int = 60000, height: int = 60000) -> bytes:
-    """A tiny file whose header claims a picture far over any pixel limit (a decompression bomb)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    row = b"\x00" + b"\x00" * ((width + 7) // 8)
-    idat = zlib.compress(row * 64)  # only the first rows: the header alone must stop the decoder
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (the data is a few zero rows): a
+    decompression bomb that the header alone must stop."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def small_jpeg(path, side: int = 64) -> bytes:
+    """A real photo re-encoded small, like the image stage's output."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((side, side))
+        out = io.BytesIO()
+        im.save(out, "JPEG", quality=80)
+    return out.getvalue()
 
 
 def make_inputs(root: Path, exif_samples: Path, n_samples: int = 24) -> dict:
@@ -52,7 +62,7 @@ def make_inputs(root: Path, exif_samples: Path, n_samples: int = 24) -> dict:
     (bad / "lat91.jpg").write_bytes(gps_jpeg((R(91, 1), R(0, 1), R(0, 1)), "N", one, "E"))
     zero = (R(0, 1), R(0, 1), R(0, 1))
     (bad / "null-island.jpg").write_bytes(gps_jpeg(zero, "N", zero, "E"))
-    (bad / "huge.png").write_bytes(huge_png())
+    (bad / "huge.png").write_bytes(png_claiming(60000, 60000))
     # Same bytes as a shared photo under an awkward name: an exact duplicate across sources.
     shutil.copy(gps_photo, bad / "copy of DSCN0010.v2 ünïcode.jpg")
     # The same photo re-encoded smaller: a near duplicate.
