@@ -39,6 +39,7 @@ class _StageDoFn(beam.DoFn):
         self.micros.inc(int((time.perf_counter() - start) * 1e6))
         self.n_in.inc(len(records))
         self.local["in"] += len(records)
+        self._maybe_log_progress()
         for record, outcome in outcomes:
             if isinstance(outcome, Reject):
                 self._count_reason(outcome.reason)
@@ -62,8 +63,9 @@ class _StageDoFn(beam.DoFn):
     def teardown(self):
         self.stage.teardown()
 
-    def finish_bundle(self):
+    def _maybe_log_progress(self):
         # Progress while the job runs (metrics are only queryable from the result afterwards).
+        # Checked per element, not per bundle: the local runner gives a stage one huge bundle.
         now = time.monotonic()
         if now - self.last_log >= PROGRESS_EVERY_S:
             self.last_log = now

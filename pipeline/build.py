@@ -180,6 +180,8 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
                 "job_name": getattr(getattr(job, "proto", None), "name", None),
                 "transforms": len(p.to_runner_api().components.transforms)}
     metrics = stage_metrics(p.result)
+    for name, counts in metrics.items():
+        log.info("stage %-9s %s", name, " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     rep = report.build_report(config, metrics)
     if {"clue", "dialogue"} & set(config.parts):
         from pipeline.llm_parts import read_backend_stats
