@@ -40,7 +40,7 @@ def register(sub) -> None:
                        description="Build the MG-Geo corpus. Unknown flags (--runner, --direct_num_workers, "
                        "--direct_running_mode, --setup_file, --temp_location ...) go to Apache Beam.")
     p.add_argument("--source", action="append", required=True, metavar="KIND:LOCATION",
-                   help="exif:DIR, table:FILE (csv/tsv/parquet/jsonl) or wds:PATTERN; repeat to mix")
+                   help="exif:DIR, table:FILE (csv/tsv/parquet/jsonl), wds:PATTERN or osv5m:DIR; repeat to mix")
     p.add_argument("--out", required=True, help="output directory (local or gs://)")
     p.add_argument("--parts", type=_parts, default=("meta",), help="comma list of meta,clue,dialogue (default meta)")
     p.add_argument("--max-side", type=int, default=768, help="longer image side after resizing (default 768)")
