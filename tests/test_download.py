@@ -242,3 +242,30 @@ def test_an_unreadable_failure_list_of_a_finished_shard_is_one_ledger_row(tmp_pa
     (tmp_path / "00000_stats.json").write_text("{}")  # img2dataset's mark of a finished shard
     rejects = [reject for _, reject in source.records(str(tmp_path / "00000.tar"))]
     assert rejects[0] is None and rejects[1].reason == "download_parquet_corrupt" and len(rejects) == 2
+
+
+def test_build_with_download_fetches_url_tables_itself(tmp_path, exif_samples):
+    """`mg-geo build --download`: the same accounting as download-then-build, in one command, and a
+    rerun resumes from OUT/_download without fetching again."""
+    rows = {"ok": ("/gps/DSCN0010.jpg", "43.4667", "11.8833", "ok"),
+            "gone": ("/gone.jpg", "40.4168", "-3.7038", "http_404"),
+            "no-lat": ("/gps/DSCN0012.jpg", "", "11.88", "coords_missing")}
+    table, out = tmp_path / "urls.csv", tmp_path / "corpus"
+    with PhotoServer({"/gone.jpg": status(404)}, {"/gps/": exif_samples / "gps"}) as server:
+        with open(table, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "url", "lat", "lon"])
+            for row_id, (path, lat, lon, _) in rows.items():
+                writer.writerow([row_id, server.url(path), lat, lon])
+        argv = ["build", "--source", f"table:{table}", "--out", str(out), "--download",
+                "--download-timeout", str(TIMEOUT_S)]
+        assert main(argv) == 0
+        first_hits = server.hits
+        assert first_hits["/gps/DSCN0010.jpg"] == 1 and "/gps/DSCN0012.jpg" not in first_hits
+        assert main(argv) == 0
+        assert server.hits == first_hits  # the rerun found the finished shards in OUT/_download
+    ids = _row_ids(out / "_download" / "table-0")
+    outcome = {ids[r["input_id"]]: "ok" for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    outcome.update({ids[r["input_id"]]: r["reason"] for r in pq.read_table(out / "rejected.parquet").to_pylist()})
+    assert outcome == {row_id: want for row_id, (*_, want) in rows.items()}
+    assert json.loads((out / "report.json").read_text())["conservation_ok"]

@@ -60,6 +60,13 @@ def register(sub) -> None:
     p.add_argument("--lat-column", help="table/wds: latitude column (auto: lat, latitude)")
     p.add_argument("--lon-column", help="table/wds: longitude column (auto: lon, lng, longitude)")
     p.add_argument("--id-column", help="table: id column (auto: id, key, image_id)")
+    g = p.add_argument_group("URL tables (img2dataset; the `download` extra)")
+    g.add_argument("--download", action="store_true",
+                   help="fetch the images of every table: source first (as `mg-geo download` does) into "
+                        "OUT/_download/, kept across runs so a rerun resumes; failed URLs become ledger rows")
+    g.add_argument("--download-processes", type=_positive, default=1, help="download processes (default 1)")
+    g.add_argument("--download-threads", type=_positive, default=32, help="threads per process (default 32)")
+    g.add_argument("--download-timeout", type=float, default=10.0, help="seconds per request (default 10)")
     try:
         from pipeline.lvlm.options import add_lvlm_arguments
         from pipeline.llm_parts import add_part_arguments
@@ -84,17 +91,49 @@ def config_from_args(args):
         source_options=source_options, lvlm_args=args)
 
 
+def download_tables(config, args) -> list[str]:
+    """Each table: source -> its images fetched with img2dataset -> the wds: source of those shards.
+    The ledger then names the shard/key of a row; the row's own columns are in the provenance."""
+    from pipeline.download import DownloadOptions, run_download
+
+    options = DownloadOptions(processes=args.download_processes, threads=args.download_threads,
+                              timeout_s=args.download_timeout)
+    sources = []
+    for i, spec in enumerate(config.sources):
+        if spec.startswith("table:"):
+            where = f"{config.out}/_download/table-{i}"
+            summary = run_download(spec, where, options, config.source_options)
+            log.info("downloaded %s: %s", spec, {k: summary[k] for k in ("rows", "downloaded") if k in summary})
+            spec = "wds:" + summary["wds_pattern"]
+        sources.append(spec)
+    return sources
+
+
 def run(args) -> int:
     from pipeline.build import run_build
     from pipeline.errors import BadArgument
 
     try:
         config = config_from_args(args)
+        if args.download:
+            config.sources = download_tables(config, args)
         report = run_build(config, args.extra)
     except BadArgument as exc:
         # A bad argument: one clear message, no traceback, nothing built.
         print(f"mg-geo build: error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:
+        if "img2dataset" not in str(exc):
+            raise
+        print(f"mg-geo build: error: --download needs img2dataset: pip install 'mg-geo[download]' ({exc})",
+              file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        from pipeline.download import DownloadIncomplete
+        if not isinstance(exc, DownloadIncomplete):
+            raise
+        print(f"mg-geo build: error: {exc} (run again to resume)", file=sys.stderr)
+        return 1
     if report.get("dry_run"):
         print(json.dumps(report, indent=1))
         return 0
