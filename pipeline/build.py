@@ -22,7 +22,7 @@ from pipeline.geocode import GeocodeStage
 from pipeline.image import ImageStage
 from pipeline.meta import MetaStage
 from pipeline.read import ReadStage
-from pipeline.record import Reject, Rejection
+from pipeline.record import Rejection
 from pipeline.sources import Source, parse_source
 from pipeline.split import AssignSplit
 from pipeline.stash import stash, unstash

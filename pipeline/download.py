@@ -112,7 +112,7 @@ def failed_downloads(spec: str, shard_name: str, shard: str) -> Iterator[tuple[R
 
     Shards img2dataset did not write (no parquet beside them, or one without its status column)
     give nothing. Input ids are `shard_name/KEY`, the form the wds source gives samples."""
-    from pipeline.sources.table import value_text  # lazy: pipeline.sources imports this module
+    from pipeline.sources.columns import value_text  # lazy: pipeline.sources imports this module
 
     path = sibling_parquet(shard)
     if path is None or not FileSystems.exists(path):
@@ -165,7 +165,7 @@ def _fetchable(image_path: str) -> str:
 
 def _renamer():
     taken = {URL_COLUMN, LAT_COLUMN, LON_COLUMN, SKIP_COLUMN}
-    from pipeline.sources.table import LAT_COLUMNS, LON_COLUMNS
+    from pipeline.sources.columns import LAT_COLUMNS, LON_COLUMNS
     # A second latitude-like column would compete with `lat` in the wds source's auto-detection.
     reserved = set(IMG2DATASET_RESERVED) | set(LAT_COLUMNS) | set(LON_COLUMNS) | taken
     names: dict[str, str] = {}
@@ -182,7 +182,7 @@ def _renamer():
 
 def write_url_list(source, path: str) -> int:
     """Write img2dataset's input (parquet, every column text) for a table source; returns rows."""
-    from pipeline.sources.table import value_text
+    from pipeline.sources.columns import value_text
 
     rename = _renamer()
     rows: list[dict] = []

@@ -30,8 +30,8 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.agreement import LEVELS
 from pipeline.record import Record, Reject, make_key
 from pipeline.sources.base import IMAGE_EXTENSIONS, Source, SourceError, join, relative_to
-from pipeline.sources.table import (ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, BadRow, _csv_table,
-                                    find_column)
+from pipeline.sources.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, find_column
+from pipeline.sources.table import BadRow, _csv_table
 
 log = logging.getLogger(__name__)
 

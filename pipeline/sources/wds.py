@@ -19,7 +19,7 @@ from webdataset import tariterators
 from pipeline.download import failed_downloads
 from pipeline.record import Record, Reject, make_key
 from pipeline.sources.base import IMAGE_EXTENSIONS, Source, SourceError, relative_to
-from pipeline.sources.table import LAT_COLUMNS, LON_COLUMNS, open_decompressed, value_text
+from pipeline.sources.columns import LAT_COLUMNS, LON_COLUMNS, open_decompressed, value_text
 
 IMAGE_SUFFIXES = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # preference order
 _GLOB = re.compile(r"[*?\[]")
