@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pipeline import writer
+from pipeline.commands.argtypes import positive_int
 
 log = logging.getLogger("pipeline.build")
 
@@ -19,12 +20,6 @@ def _ratios(text: str) -> tuple[float, float, float]:
     if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1) > 1e-6:
         raise argparse.ArgumentTypeError(f"split ratios must be three non-negative numbers summing to 1, got {text!r}")
     return values
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return int(text)
 
 
 def _parts(text: str) -> tuple[str, ...]:
@@ -52,9 +47,9 @@ def register(sub) -> None:
     p.add_argument("--split-ratios", type=_ratios, default=(0.90, 0.05, 0.05), help="train,val,test (default 0.9,0.05,0.05)")
     p.add_argument("--split-link-km", type=float, default=1.0,
                    help="photos closer than this always share a split (default 1 km)")
-    p.add_argument("--shard-max-samples", type=_positive, default=writer.ShardLimits.max_samples,
+    p.add_argument("--shard-max-samples", type=positive_int, default=writer.ShardLimits.max_samples,
                    help="samples per shard at most (default %(default)s)")
-    p.add_argument("--shard-max-bytes", type=_positive, default=writer.ShardLimits.max_bytes,
+    p.add_argument("--shard-max-bytes", type=positive_int, default=writer.ShardLimits.max_bytes,
                    help="bytes per shard at most (default %(default)s)")
     p.add_argument("--image-column", help="table/wds: image column (auto-detected by default)")
     p.add_argument("--lat-column", help="table/wds: latitude column (auto: lat, latitude)")
@@ -64,8 +59,8 @@ def register(sub) -> None:
     g.add_argument("--download", action="store_true",
                    help="fetch the images of every table: source first (as `mg-geo download` does) into "
                         "OUT/_download/, kept across runs so a rerun resumes; failed URLs become ledger rows")
-    g.add_argument("--download-processes", type=_positive, default=1, help="download processes (default 1)")
-    g.add_argument("--download-threads", type=_positive, default=32, help="threads per process (default 32)")
+    g.add_argument("--download-processes", type=positive_int, default=1, help="download processes (default 1)")
+    g.add_argument("--download-threads", type=positive_int, default=32, help="threads per process (default 32)")
     g.add_argument("--download-timeout", type=float, default=10.0, help="seconds per request (default 10)")
     try:
         from pipeline.lvlm.options import add_lvlm_arguments

@@ -2,32 +2,10 @@
 `mg-geo build` command that builds the corpus from them."""
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
-
-
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
+from pipeline.commands.argtypes import at_least, positive_seconds
 
 
 def register(sub) -> None:
@@ -40,11 +18,11 @@ def register(sub) -> None:
         "extra (pip install 'mg-geo[download]').")
     p.add_argument("--source", required=True, metavar="table:FILE", help="the URL table")
     p.add_argument("--out", required=True, metavar="DL_DIR", help="shard directory (local or a fsspec URL)")
-    p.add_argument("--processes", type=_at_least(1), default=1, help="download processes (default 1)")
-    p.add_argument("--threads", type=_at_least(1), default=32, help="threads per process (default 32)")
-    p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds per request (default 10)")
-    p.add_argument("--retries", type=_at_least(0), default=0, help="extra tries per URL (default 0)")
-    p.add_argument("--samples-per-shard", type=_at_least(1), default=10_000,
+    p.add_argument("--processes", type=at_least(1), default=1, help="download processes (default 1)")
+    p.add_argument("--threads", type=at_least(1), default=32, help="threads per process (default 32)")
+    p.add_argument("--timeout", type=positive_seconds, default=10.0, help="seconds per request (default 10)")
+    p.add_argument("--retries", type=at_least(0), default=0, help="extra tries per URL (default 0)")
+    p.add_argument("--samples-per-shard", type=at_least(1), default=10_000,
                    help="rows per shard (default 10000)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the shards of an earlier run first (only NNNNN.tar, .parquet, _stats.json; "

@@ -1,15 +1,8 @@
 """`mg-geo sample --out DIR --n N [--seed S]`: write a small test input set (see sample_images)."""
 from __future__ import annotations
 
-import argparse
 import sys
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from pipeline.commands.argtypes import positive_int
 
 
 def register(subparsers) -> None:
@@ -19,7 +12,7 @@ def register(subparsers) -> None:
                     "continent, plus one file of each bad kind (no GPS, truncated, null island, "
                     "empty), and expected.jsonl describing them. Use DIR as an exif: source.")
     parser.add_argument("--out", required=True, help="directory to write into (created if missing)")
-    parser.add_argument("--n", type=_positive_int, default=24, help="number of good images (default 24)")
+    parser.add_argument("--n", type=positive_int, default=24, help="number of good images (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="same n and seed give identical files")
     parser.set_defaults(func=run)
 

@@ -7,14 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pipeline.commands.argtypes import positive_int
 
 log = logging.getLogger("pipeline.train")
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return int(text)
 
 
 def _fraction(text: str) -> float:
@@ -57,8 +52,8 @@ def register(sub) -> None:
     p.add_argument("--init-from", help="weights to start from, e.g. stage 1's OUTPUT/model (default: --model)")
     p.add_argument("--chat-template", help="jinja file replacing the processor's chat template")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter (peft) instead of all weights")
-    p.add_argument("--lora-r", type=_positive_int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--lora-alpha", type=_positive_int, default=32, help="LoRA alpha (default 32)")
+    p.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA alpha (default 32)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
     p.add_argument("--lora-targets", default="language",
                    help="'language' (attention+MLP projections of the language model; default), 'all-linear', "
@@ -70,28 +65,28 @@ def register(sub) -> None:
                    help="auto: flash_attention_2 when flash-attn is installed on a GPU, else sdpa (default auto)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    help="keep activations (faster, more memory)")
-    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"pixels per image at most, which caps image tokens (default {DEFAULT_MAX_PIXELS})")
-    p.add_argument("--max-length", type=_positive_int, default=2048, help="tokens per sample at most (default 2048)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="samples per device per micro-step (default 4)")
-    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-steps per optimizer step (default 1)")
+    p.add_argument("--max-length", type=positive_int, default=2048, help="tokens per sample at most (default 2048)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="samples per device per micro-step (default 4)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per optimizer step (default 1)")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5; LoRA: try 2e-4)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="warm-up share of the steps (default 0.03)")
     p.add_argument("--scheduler", default="cosine", help="transformers scheduler name (default cosine)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default 1.0)")
-    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps (default: --epochs x steps per epoch)")
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps (default: --epochs x steps per epoch)")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs when --max-steps is not given (default 1)")
-    p.add_argument("--epoch-samples", type=_positive_int,
+    p.add_argument("--epoch-samples", type=positive_int,
                    help="mixed samples per epoch (default: until the smallest weighted part is seen once, from _stats.json)")
-    p.add_argument("--shuffle-buffer", type=_positive_int, default=1000, help="sample shuffle buffer per worker (default 1000)")
+    p.add_argument("--shuffle-buffer", type=positive_int, default=1000, help="sample shuffle buffer per worker (default 1000)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per device (default 2)")
     p.add_argument("--resample", choices=("auto", "on", "off"), default="auto",
                    help="draw shards with replacement; auto: on with several ranks (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights init, data order and dropout (default 0)")
-    p.add_argument("--log-every", type=_positive_int, default=10, help="steps between log lines (default 10)")
-    p.add_argument("--save-every", type=_positive_int, default=500, help="steps between checkpoints (default 500)")
-    p.add_argument("--keep-checkpoints", type=_positive_int, default=2, help="checkpoints kept (default 2)")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines (default 10)")
+    p.add_argument("--save-every", type=positive_int, default=500, help="steps between checkpoints (default 500)")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=2, help="checkpoints kept (default 2)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                    help="continue from OUTPUT's latest checkpoint (or the one given); starts fresh if there is none")
     p.set_defaults(func=run)
