@@ -15,7 +15,7 @@ import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
 from pipeline import outdir, writer
-from pipeline.beam_stage import ApplyStage, stage_metrics
+from pipeline.beam_stage import ApplyStage, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
 from pipeline.geocode import GeocodeStage
@@ -80,12 +80,17 @@ def _ledger_row(rejection: Rejection) -> dict:
 
 def record_stages(config: BuildConfig):
     """The per-record stages before the global ones (dedupe, split), in order."""
-    return [
+    stages = [
         ReadStage(),
         ValidateStage(),
         GeocodeStage(max_place_km=config.max_place_km, coast_km=config.coast_km),
         ImageStage(max_side=config.max_side),
     ]
+    # Meta needs nothing that dedupe or split decide, so it runs here, before the record is
+    # stashed: the thin copies that flow on then never need the whole record back before the writer.
+    if "meta" in config.parts:
+        stages.append(MetaStage())
+    return stages
 
 
 def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source]):
@@ -107,26 +112,24 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     for stage in record_stages(config):
         records, more = records | stage.name.capitalize() >> ApplyStage(stage)
         rejected.append(more)
-    records = records | "Stash" >> beam.Map(stash, config.out)  # bytes leave the shuffles
+    # Records go on as thin copies from here: the shuffles and waits below carry ~0.4 KB each.
+    records = records | "Stash" >> TimedMap("stash", stash, config.out)
     records, more = records | "DedupeSplit" >> DedupeAndSplit(
         Dedupe(radius=config.dedupe_radius), AssignSplit(ratios=config.split_ratios, link_km=config.split_link_km))
     rejected.append(more)
-    if "meta" in config.parts:
-        records, more = records | "Meta" >> ApplyStage(MetaStage())
-        rejected.append(more)
     if {"clue", "dialogue"} & set(config.parts):
         from pipeline.llm_parts import ApplySelected, llm_stages  # the LVLM stack loads only when asked for
-        records = records | "Unstash" >> beam.Map(unstash)  # the LVLM sees the pixels
+        records = records | "Unstash" >> TimedMap("unstash", unstash)  # the LVLM sees the pixels
         for stage, target in llm_stages(config):
             records, more = records | stage.name.capitalize() >> ApplySelected(stage, target)
             rejected.append(more)
-        records = records | "Restash" >> beam.Map(stash, config.out)
+        records = records | "Restash" >> TimedMap("restash", stash, config.out)
 
     # What reaches the writer, per source and part: with the inputs and the ledger this proves that
     # no record was lost (inputs = ledger rows for whole records + records at the writer).
     _ = (records
          | "PartPresence" >> beam.FlatMap(
-             lambda r, parts: [(r.source, part, getattr(r, part) is not None) for part in parts], config.parts)
+             lambda r, parts: [(r.source, part, part in r.parts_present()) for part in parts], config.parts)
          | "CountPresence" >> beam.combiners.Count.PerElement()
          | "PresenceList" >> beam.combiners.ToList()
          | "WritePresence" >> beam.Map(outdir.write_counts, config.out, outdir.PRESENCE_FILE))

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+PARTS = ("meta", "clue", "dialogue")
+
 
 @dataclass
 class Record:
@@ -24,7 +26,10 @@ class Record:
     input_id: str                 # what the user calls the input: relative path, row id, shard/key
     image_path: Optional[str] = None    # where the reader stage loads bytes from, if not given
     image_bytes: Optional[bytes] = None  # source bytes, replaced by the clean JPEG after the image stage
-    image_ref: Optional[str] = None  # where the clean JPEG waits for the writer (pipeline.stash)
+    # Set on a thin copy only: where the whole record waits for the writer (pipeline.stash), and
+    # which parts it has. The thin copy carries what the global steps read, not the samples.
+    stash_ref: Optional[str] = None
+    stashed_parts: Optional[tuple] = None
     lat: Optional[float] = None
     lon: Optional[float] = None
     # Raw coordinate evidence before validation: {"kind": "exif", "gps": {...}} or
@@ -41,12 +46,18 @@ class Record:
     def replace(self, **changes: Any) -> "Record":
         return dataclasses.replace(self, **changes)
 
+    def parts_present(self) -> tuple[str, ...]:
+        """The parts this record has a sample for (a thin copy remembers them)."""
+        if self.stash_ref is not None:
+            return self.stashed_parts or ()
+        return tuple(part for part in PARTS if getattr(self, part) is not None)
+
     def to_json(self) -> dict:
         """Every field of the record except the bytes; this is KEY.json in a shard."""
         # A shallow view, not dataclasses.asdict: that deep-copies every message of every sample
         # and was a third of the writer's time. Callers serialise it; they must not mutate it.
-        # coords_raw: evidence only, lat/lon are the answer; image_ref: a temporary path
-        skip = ("image_bytes", "image_ref", "coords_raw")
+        # coords_raw: evidence only, lat/lon are the answer; stash_*: the build's bookkeeping
+        skip = ("image_bytes", "stash_ref", "stashed_parts", "coords_raw")
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 

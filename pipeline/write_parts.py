@@ -19,6 +19,7 @@ from pipeline import writer
 from pipeline.agreement import manifest_labels
 from pipeline.data_files import load_json
 from pipeline.record import Record, Reject, Rejection
+from pipeline.stash import unstash
 
 log = logging.getLogger(__name__)
 RECORD_SCHEMA = "schemas/record.schema.json"
@@ -29,12 +30,13 @@ def _bucket(key: str, n: int) -> int:
 
 
 def _samples(record: Record, parts):
+    present = record.parts_present()
     for part in parts:
-        if getattr(record, part) is not None:
+        if part in present:
             yield (part, record.split), record
 
 
-def manifest_row(record: Record, part: str, shard: str) -> dict:
+def manifest_row(record: Record, part: str, shard: str | None = None) -> dict:
     loc = record.location or {}
     img = record.image or {}
     return {
@@ -74,14 +76,16 @@ class _WriteGroups(beam.DoFn):
 
     def _write(self, element, numbering):
         (part, split, bucket), records = element
-        by_key = {r.key: r for r in records}
+        by_key = {r.key: r for r in records}  # thin copies (pipeline.stash)
         self.n_in.inc(len(by_key))
         chunks = writer.plan_chunks([(k, writer.planned_size(r)) for k, r in by_key.items()], self.limits)
         for i, keys in enumerate(chunks):
             path = writer.shard_path(self.out, part, split, numbering[(part, split, bucket, i)])
-            good, encoded = [], {}
+            good, encoded, rows = [], {}, []
             for key in keys:
-                record = by_key[key]
+                # One whole record at a time: its json and manifest row are kept, its JPEG is read
+                # again while the shard is written, so a shard's pixels never sit in memory at once.
+                record = unstash(by_key[key])
                 body = writer.sample_body(record, part)
                 problem = self._schema_problem(body)
                 if problem:
@@ -90,16 +94,18 @@ class _WriteGroups(beam.DoFn):
                     yield beam.pvalue.TaggedOutput(self.REJECTED, Rejection.of(
                         record, "write", Reject("schema_invalid", problem), part))
                 else:
-                    good.append(record)
+                    good.append(by_key[key])
                     encoded[key] = writer.encode_json(body)
+                    rows.append(manifest_row(record, part))
             if not good:
                 continue
             stats = writer.write_shard(self.out, path, good, part, self.fail_after, encoded)
             self.n_shards.inc()
             self.n_samples.inc(len(good))
             yield beam.pvalue.TaggedOutput(self.STATS, stats)
-            for record in good:
-                yield manifest_row(record, part, stats["shard"])
+            for row in rows:
+                row["shard"] = stats["shard"]
+                yield row
 
     def _schema_problem(self, body: dict) -> str:
         if self.validator.is_valid(body):  # the common case; best_match walks the errors again
