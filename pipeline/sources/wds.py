@@ -3,7 +3,9 @@
 PATTERN is a brace pattern (`/data/{00000..00009}.tar`), a glob (`/data/*.tar`) or both; each
 shard is one unit. Coordinates come from the json (img2dataset's `save_additional_columns`).
 Tar members are grouped into samples by webdataset's own iterators, so keys split exactly as
-every webdataset reader splits them.
+every webdataset reader splits them. webdataset is imported only where a shard is read (it imports
+torch when torch is installed): builds from other sources never load it, and a wds: build loads it
+only in the workers that read shards.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from typing import Optional
 
 import braceexpand
 from apache_beam.io.filesystems import FileSystems
-from webdataset import tariterators
 
 from pipeline.download import failed_downloads
 from pipeline.record import Record, Reject, make_key
@@ -63,6 +64,8 @@ class _Truncated(Exception):
 def _members(stream, shard: str, errors: list):
     """webdataset's tar members until the tar breaks; the error is kept so that the sample being
     grouped still comes out (group_by_keys would otherwise drop it along with the exception)."""
+    from webdataset import tariterators  # lazily: it imports torch (module docstring)
+
     try:
         yield from tariterators.tar_file_expander([{"url": shard, "stream": stream}])
     except Exception as exc:  # noqa: BLE001 - reported by the caller as shard_corrupt
@@ -129,6 +132,8 @@ class WdsSource(Source):
         yield from failed_downloads(self.spec, relative_to(self._root(), shard), shard)
 
     def _tar_records(self, shard):
+        from webdataset import tariterators  # lazily: it imports torch (module docstring)
+
         name = relative_to(self._root(), shard)
         done, held, problem = 0, None, None
         try:
