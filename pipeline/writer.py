@@ -5,7 +5,9 @@ written under a temporary name in `OUT/_tmp/` and renamed into place only when c
 fileio does), so a reader listing `*.tar` never sees half a shard. Its `_stats.json` is written
 after the rename and doubles as the completion marker (as img2dataset's per-shard stats do).
 Members are written with a fixed mtime and sorted keys, so the same input gives byte-identical
-shards on a rerun.
+shards on a rerun. The tars are written by `pipeline.tar_writer` (the standard library's tarfile,
+byte-identical to webdataset's TarWriter) so that the build never imports webdataset, and with it
+torch.
 """
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ import json
 import uuid
 from dataclasses import dataclass
 
-import webdataset as wds
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.record import SAFE_KEY, Record
 from pipeline.stash import jpeg_of
+from pipeline.tar_writer import ShardTarWriter
 
 PARTS = ("meta", "clue", "dialogue")
 SPLITS = ("train", "val", "test")
@@ -104,7 +106,7 @@ def write_shard(out: str, path: str, records: list[Record], part: str, fail_afte
     total = 0
     try:
         with FileSystems.create(tmp) as stream:
-            writer = wds.TarWriter(stream, mtime=0, encoder=False)
+            writer = ShardTarWriter(stream, mtime=0)  # what webdataset.TarWriter writes, without torch
             try:
                 for i, record in enumerate(records):
                     if fail_after is not None and i >= fail_after:
