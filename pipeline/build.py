@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
 from pipeline import outdir, writer
-from pipeline.beam_stage import ApplyStage, TimedMap, stage_metrics
+from pipeline.beam_stage import METRIC_PREFIX, ApplyStage, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
 from pipeline.geocode import GeocodeStage
@@ -65,13 +67,34 @@ class BuildConfig:
     lvlm_args: object = None  # parsed CLI flags for the LVLM parts (pipeline.llm_parts reads them)
 
 
-def _records_of(unit_pair, sources: dict[str, Source]):
-    spec, unit = unit_pair
-    for record, reject in sources[spec].records(unit):
-        if reject is None:
-            yield record
-        else:
-            yield beam.pvalue.TaggedOutput(SOURCE_REJECTED, Rejection.of(record, "source", reject))
+class _SourceRecords(beam.DoFn):
+    """(spec, unit) -> records, and a ledger row for each input the source already rejects.
+
+    Times the source's own work like a stage's (mg_geo.source.micros): only inside its generator,
+    not the fused steps downstream that run while an output is handed on."""
+
+    def __init__(self, sources: dict[str, Source]):
+        self.sources = sources
+
+    def setup(self):
+        self.micros = Metrics.counter(METRIC_PREFIX + "source", "micros")
+        self.n_in = Metrics.counter(METRIC_PREFIX + "source", "in")
+
+    def process(self, unit_pair):
+        spec, unit = unit_pair
+        outputs = iter(self.sources[spec].records(unit))
+        while True:
+            start = time.perf_counter()
+            item = next(outputs, None)
+            self.micros.inc(int((time.perf_counter() - start) * 1e6))
+            if item is None:
+                return
+            record, reject = item
+            self.n_in.inc()
+            if reject is None:
+                yield record
+            else:
+                yield beam.pvalue.TaggedOutput(SOURCE_REJECTED, Rejection.of(record, "source", reject))
 
 
 def _ledger_row(rejection: Rejection) -> dict:
@@ -99,7 +122,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     read = (p
             | "Units" >> beam.Create(units)
             | "SpreadUnits" >> beam.Reshuffle()  # a unit can be a whole table or shard: spread them
-            | "SourceRecords" >> beam.FlatMap(_records_of, by_spec).with_outputs(SOURCE_REJECTED, main="records"))
+            | "SourceRecords" >> beam.ParDo(_SourceRecords(by_spec)).with_outputs(SOURCE_REJECTED, main="records"))
     records, rejected = read.records, [read[SOURCE_REJECTED]]
 
     inputs = ((records, read[SOURCE_REJECTED])

@@ -46,6 +46,11 @@ class Record:
     def replace(self, **changes: Any) -> "Record":
         return dataclasses.replace(self, **changes)
 
+    def __reduce__(self):
+        # Field values by position, not a dict of names: a Record is pickled whenever Beam moves
+        # it between steps (and into the stash), and the 18 names were a third of a thin copy.
+        return (_record_of_values, tuple(getattr(self, name) for name in _FIELD_NAMES))
+
     def parts_present(self) -> tuple[str, ...]:
         """The parts this record has a sample for (a thin copy remembers them)."""
         if self.stash_ref is not None:
@@ -59,6 +64,13 @@ class Record:
         # coords_raw: evidence only, lat/lon are the answer; stash_*: the build's bookkeeping
         skip = ("image_bytes", "stash_ref", "stashed_parts", "coords_raw")
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Record))
+
+
+def _record_of_values(*values) -> Record:
+    return Record(*values)
 
 
 @dataclass(frozen=True)

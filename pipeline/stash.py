@@ -33,10 +33,15 @@ def stash(record: Record, out: str) -> Record:
     return thin_copy(record, path)
 
 
+# What dedupe (hashes, original size) and the writer's planning (JPEG size) read of record.image.
+THIN_IMAGE_FACTS = ("sha256", "phash", "orig_width", "orig_height", "jpeg_bytes")
+
+
 def thin_copy(record: Record, path: str) -> Record:
     country_code = (record.location or {}).get("country_code")
+    image = None if record.image is None else {k: record.image[k] for k in THIN_IMAGE_FACTS if k in record.image}
     return Record(key=record.key, source=record.source, input_id=record.input_id,
-                  lat=record.lat, lon=record.lon, image=record.image, split=record.split,
+                  lat=record.lat, lon=record.lon, image=image, split=record.split,
                   location=None if country_code is None else {"country_code": country_code},
                   stash_ref=path, stashed_parts=record.parts_present())
 

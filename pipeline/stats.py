@@ -38,17 +38,13 @@ def _first_part(report: dict, manifest: list[dict]) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def country_outlines() -> list:
-    """Simplified Natural Earth country borders as (N, 2) lon/lat arrays (the geocoder's own file)."""
-    import numpy as np
-    import shapefile  # pyshp
+    """Simplified Natural Earth country borders as (N, 2) lon/lat arrays: from the geocoder's own
+    polygons (loaded once per process, from the geo cache), not a second read of the shapefile."""
     import shapely
-    import shapely.geometry
 
-    from pipeline.geo.polygons import NE_ZIP
+    from pipeline.geo.polygons import load_country_index
 
-    with shapefile.Reader(NE_ZIP, encoding="utf-8") as sf:
-        geoms = np.array([shapely.geometry.shape(s.__geo_interface__) for s in sf.shapes()], dtype=object)
-    borders = shapely.boundary(shapely.simplify(geoms, OUTLINE_TOLERANCE_DEG))
+    borders = shapely.boundary(shapely.simplify(load_country_index().geoms, OUTLINE_TOLERANCE_DEG))
     lines = shapely.get_parts(borders[~shapely.is_empty(borders)])
     return [shapely.get_coordinates(line) for line in lines if shapely.get_num_coordinates(line) >= 2]
 
