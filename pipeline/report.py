@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
@@ -15,23 +17,37 @@ from pipeline import outdir
 from pipeline.agreement import label_agreement
 
 
-def read_parquet(path: str):
+def read_parquet(path: str, columns=None):
     with FileSystems.open(path) as stream:
-        return pq.read_table(stream)
+        return pq.read_table(stream, columns=columns)
 
 
 def _rows(path: str) -> list[dict]:
     return read_parquet(path).to_pylist() if FileSystems.exists(path) else []
 
 
-def conservation(parts, inputs: dict, presence: list, ledger: list[dict], manifest: list[dict]) -> dict:
+def read_columns(path: str, columns: list[str], schema) -> pa.Table:
+    """Only the columns asked for (a manifest has a row per sample: millions at GaGA's scale, so
+    nothing here turns every row into a Python dict); an empty table if the file is missing."""
+    if FileSystems.exists(path):
+        return read_parquet(path, columns)
+    return pa.table({name: pa.array([], schema.field(name).type) for name in columns})
+
+
+def count_by(table: pa.Table, columns: list[str]) -> Counter:
+    """Counter of the value tuples of `columns`, counted by pyarrow."""
+    counts = table.select(columns).group_by(columns).aggregate([([], "count_all")])
+    return Counter({tuple(row[c] for c in columns): row["count_all"] for row in counts.to_pylist()})
+
+
+def conservation(parts, inputs: dict, presence: list, ledger: list[dict], samples: Counter) -> dict:
     """Per source and part, three equations that fail if any record was lost:
     inputs = whole-record rejections + records at the writer (with or without this part's sample);
     records with a sample = samples in shards + write-stage rejections;
-    records without one = part-only rejections (clue/dialogue failures) + not selected (>= 0)."""
+    records without one = part-only rejections (clue/dialogue failures) + not selected (>= 0).
+    `samples`: manifest rows counted by (source, part)."""
     removed = Counter(r["source"] for r in ledger if not r["part"])
     rejected_in = Counter((r["source"], r["part"], r["stage"] == "write") for r in ledger if r["part"])
-    samples = Counter((r["source"], r["part"]) for r in manifest)
     reached = Counter()
     for (source, part, has_sample), count in presence:
         reached[(source, part, has_sample)] += count
@@ -54,26 +70,37 @@ def conservation(parts, inputs: dict, presence: list, ledger: list[dict], manife
 
 
 def build_report(config, metrics: dict) -> dict:
+    from pipeline.agreement import LEVELS
+    from pipeline.build import MANIFEST_SCHEMA
+
     out = config.out
-    manifest = _rows(outdir.join(out, "manifest.parquet"))
+    first_part = config.parts[0]
+    labels = [lv.manifest for lv in LEVELS]
+    manifest = read_columns(outdir.join(out, "manifest.parquet"), [
+        "part", "split", "shard", "source", "key", "continent", "country_code", "nearest_country_code",
+        "admin1", "admin2", "city", "country_disagreement", *labels], MANIFEST_SCHEMA)
     ledger = _rows(outdir.join(out, "rejected.parquet"))
     inputs = dict(outdir.read_counts(out, outdir.INPUTS_FILE))
     presence = [(tuple(k), v) for k, v in outdir.read_counts(out, outdir.PRESENCE_FILE)]
     by_part_split = defaultdict(Counter)
+    for (part, split), n in count_by(manifest, ["part", "split"]).items():
+        by_part_split[part][split] += n
+    shards = Counter(part for part, _split, _shard in count_by(manifest, ["part", "split", "shard"]))
+    first = manifest.filter(pc.equal(manifest["part"], first_part))
     countries = defaultdict(Counter)
-    continents = Counter()
-    shards = defaultdict(set)
-    for row in manifest:
-        by_part_split[row["part"]][row["split"]] += 1
-        shards[row["part"]].add((row["split"], row["shard"]))
-        if row["part"] == config.parts[0]:
-            countries[row["country_code"]][row["split"]] += 1
-            continents[row["continent"]] += 1
+    for (cc, split), n in count_by(first, ["country_code", "split"]).items():
+        countries[cc][split] += n
+    continents = count_by(first, ["continent"])
     rejections = defaultdict(Counter)
     for row in ledger:
         rejections[row["stage"]][row["reason"]] += 1
-    cons = conservation(config.parts, inputs, presence, ledger, manifest)
-    first = [r for r in manifest if r["part"] == config.parts[0]]
+    cons = conservation(config.parts, inputs, presence, ledger, count_by(manifest, ["source", "part"]))
+    # Only rows that carry a source's own labels (OSV-5M's) are compared: others need no dicts.
+    has_label = None
+    for name in labels:
+        valid = pc.is_valid(first[name])
+        has_label = valid if has_label is None else pc.or_(has_label, valid)
+    labelled = first.filter(has_label).to_pylist() if first.num_rows else []
     return {
         "config": {"sources": list(config.sources), "parts": list(config.parts), "max_side": config.max_side,
                    "split_ratios": list(config.split_ratios), "split_link_km": config.split_link_km,
@@ -82,14 +109,14 @@ def build_report(config, metrics: dict) -> dict:
         "inputs": inputs,
         "inputs_total": sum(inputs.values()),
         "samples": {part: dict(sorted(c.items())) | {"total": sum(c.values())} for part, c in sorted(by_part_split.items())},
-        "shards": {part: len(s) for part, s in sorted(shards.items())},
+        "shards": dict(sorted(shards.items())),
         "rejected_total": len(ledger),
         "rejected": {stage: dict(sorted(c.items())) for stage, c in sorted(rejections.items())},
         "countries": {cc: dict(sorted(c.items())) | {"total": sum(c.values())} for cc, c in sorted(countries.items())},
-        "continents": dict(sorted(continents.items())),
-        "country_disagreements": sum(1 for r in first if r["country_disagreement"]),
+        "continents": {continent: n for (continent,), n in sorted(continents.items())},
+        "country_disagreements": pc.sum(first["country_disagreement"]).as_py() or 0,
         "conservation": cons,
         "conservation_ok": all(v["ok"] for v in cons.values()),
-        "label_agreement": label_agreement(first),
+        "label_agreement": label_agreement(labelled),
         "stages": metrics,
     }

@@ -10,10 +10,11 @@ import functools
 import io
 from collections import Counter
 
+import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import outdir
-from pipeline.report import read_parquet
+from pipeline.report import count_by, read_columns, read_parquet
 
 PLOTS_DIR = "plots"
 TOP_COUNTRIES = 30
@@ -29,10 +30,10 @@ def _rows(path: str) -> list[dict]:
     return read_parquet(path).to_pylist() if FileSystems.exists(path) else []
 
 
-def _first_part(report: dict, manifest: list[dict]) -> str | None:
+def _first_part(report: dict, manifest_parts: list[str]) -> str | None:
     # Every part of a record shares its location, so one part's rows give each photo once;
     # meta is the part the report's country table counts too.
-    parts = list(report.get("config", {}).get("parts") or []) + sorted({r["part"] for r in manifest})
+    parts = list(report.get("config", {}).get("parts") or []) + sorted(set(manifest_parts))
     return "meta" if "meta" in parts else (parts[0] if parts else None)
 
 
@@ -85,7 +86,9 @@ def world_map(rows: list[dict]):
 def countries_bar(rows: list[dict], part: str):
     from matplotlib.ticker import MaxNLocator
 
-    counts = Counter((r["country_code"] or "?", r["country"] or "unknown") for r in rows)
+    counts = Counter()
+    for r in rows:  # counted rows: {"country_code", "country", "n"}
+        counts[(r["country_code"] or "?", r["country"] or "unknown")] += r["n"]
     top = counts.most_common(TOP_COUNTRIES)[::-1]  # barh draws bottom-up: largest on top
     fig = _figure(8, 1.5 + 0.28 * len(top))
     ax = fig.add_subplot()
@@ -99,7 +102,7 @@ def countries_bar(rows: list[dict], part: str):
 def split_part_bars(rows: list[dict]):
     import numpy as np
 
-    counts = Counter((r["part"], r["split"]) for r in rows)
+    counts = Counter({(r["part"], r["split"]): r["n"] for r in rows})  # counted rows: {"part", "split", "n"}
     parts = sorted({p for p, _ in counts})
     splits = [s for s in SPLITS if any(k[1] == s for k in counts)] + sorted({s for _, s in counts} - set(SPLITS))
     fig = _figure(8, 4.5)
@@ -143,20 +146,27 @@ def _save(fig, out: str, name: str) -> str:
 
 def make_plots(out: str, report: dict) -> list[str]:
     """Write OUT/plots/*.png from OUT's manifest and ledger; returns their paths relative to OUT."""
-    manifest = _rows(outdir.join(out, "manifest.parquet"))
+    from pipeline.build import MANIFEST_SCHEMA
+
+    # The columns the plots draw, not whole rows: a manifest has a row per sample.
+    manifest = read_columns(outdir.join(out, "manifest.parquet"),
+                            ["part", "split", "lat", "lon", "country_code", "country"], MANIFEST_SCHEMA)
     ledger = _rows(outdir.join(out, "rejected.parquet"))
-    part = _first_part(report, manifest)
-    located = [r for r in manifest if r["part"] == part and r["lat"] is not None and r["lon"] is not None]
-    in_part = [r for r in manifest if r["part"] == part]
+    part = _first_part(report, manifest.column("part").unique().to_pylist())
+    in_part = manifest.filter(pc.equal(manifest["part"], part)) if part else manifest.slice(0, 0)
+    located = in_part.filter(pc.and_(pc.is_valid(in_part["lat"]), pc.is_valid(in_part["lon"])))
     # A rerun replaces this module's plots; one that has nothing to show now must not linger.
     stale = [outdir.join(out, PLOTS_DIR, name) for name in PLOT_NAMES]
     stale = [path for path in stale if FileSystems.exists(path)]
     if stale:
         FileSystems.delete(stale)
     plots = [
-        ("world_map.png", world_map, located),
-        ("countries.png", lambda rows: countries_bar(rows, part), in_part),
-        ("splits.png", split_part_bars, manifest),
+        ("world_map.png", world_map, located.select(["split", "lat", "lon"]).to_pylist()),
+        ("countries.png", lambda rows: countries_bar(rows, part),
+         [{"country_code": cc, "country": name, "n": n}
+          for (cc, name), n in count_by(in_part, ["country_code", "country"]).items()]),
+        ("splits.png", split_part_bars,
+         [{"part": p, "split": sp, "n": n} for (p, sp), n in count_by(manifest, ["part", "split"]).items()]),
         ("rejections.png", rejections_bar, ledger),
     ]
     return [_save(draw(rows), out, name) for name, draw, rows in plots if rows]
