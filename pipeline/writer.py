@@ -17,11 +17,10 @@ from dataclasses import dataclass
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.record import SAFE_KEY, Record
+from pipeline.record import PARTS, SAFE_KEY, Record  # noqa: F401 - PARTS: writer.PARTS for callers
 from pipeline.stash import jpeg_of
 from pipeline.tar_writer import ShardTarWriter
 
-PARTS = ("meta", "clue", "dialogue")
 SPLITS = ("train", "val", "test")
 JSON_OVERHEAD = 4096  # bytes a sample's json and tar headers add, for planning before encoding
 
