@@ -2,8 +2,8 @@
 
 OUT/{part}/{split}/{part}-{split}-NNNNNN.tar with KEY.jpg + KEY.json (the Record's json, as the
 build writes it) and the shard's _stats.json, written by the build's own shard writer
-(pipeline.writer.write_shard, webdataset.TarWriter underneath), so the layout cannot drift from
-the real one. Each sample pairs a solid-colour photo with its place, so a model can learn it.
+(pipeline.writer.write_shard over pipeline.tar_writer, byte-identical to webdataset.TarWriter),
+so the layout cannot drift from the real one. Each sample pairs a solid-colour photo with its place, so a model can learn it.
 """
 from __future__ import annotations
 
