@@ -9,7 +9,7 @@ import uuid
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import BadArgument
-from pipeline.writer import PARTS
+from pipeline.record import PARTS
 
 INPUTS_FILE = "_work/inputs.json"      # [[source, count], ...] of every record a source made
 PRESENCE_FILE = "_work/presence.json"  # [[[source, part, has_sample], count], ...] at the writer

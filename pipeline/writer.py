@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.record import PARTS, SAFE_KEY, Record  # noqa: F401 - PARTS: writer.PARTS for callers
+from pipeline.record import SAFE_KEY, Record
 from pipeline.stash import jpeg_of
 from pipeline.tar_writer import ShardTarWriter
 

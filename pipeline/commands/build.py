@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pipeline import writer
+from pipeline.record import PARTS
 from pipeline.commands.argtypes import positive_int
 
 log = logging.getLogger("pipeline.build")
@@ -24,10 +25,10 @@ def _ratios(text: str) -> tuple[float, float, float]:
 
 def _parts(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    unknown = [p for p in parts if p not in writer.PARTS]
+    unknown = [p for p in parts if p not in PARTS]
     if not parts or unknown:
-        raise argparse.ArgumentTypeError(f"--parts takes a comma list of {', '.join(writer.PARTS)}; got {text!r}")
-    return tuple(p for p in writer.PARTS if p in parts)  # canonical order
+        raise argparse.ArgumentTypeError(f"--parts takes a comma list of {', '.join(PARTS)}; got {text!r}")
+    return tuple(p for p in PARTS if p in parts)  # canonical order
 
 
 def register(sub) -> None:
