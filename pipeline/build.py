@@ -16,7 +16,7 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
-from pipeline import outdir, writer
+from pipeline import manifest, outdir, writer
 from pipeline.beam_stage import METRIC_PREFIX, ApplyStage, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
@@ -33,18 +33,6 @@ from pipeline.write_parts import WriteParts
 
 log = logging.getLogger(__name__)
 
-MANIFEST_SCHEMA = pa.schema([
-    ("part", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("key", pa.string()),
-    ("source", pa.string()), ("input_id", pa.string()), ("lat", pa.float64()), ("lon", pa.float64()),
-    ("continent", pa.string()), ("country_code", pa.string()), ("country", pa.string()),
-    ("sovereign_code", pa.string()), ("admin1", pa.string()), ("admin2", pa.string()),
-    ("city", pa.string()), ("city_id", pa.string()), ("nearest_country_code", pa.string()),
-    ("country_disagreement", pa.bool_()), ("sha256", pa.string()), ("phash", pa.string()),
-    ("width", pa.int64()), ("height", pa.int64()),
-    # Labels a source brought (OSV-5M's), null otherwise: pipeline.agreement compares them with ours.
-    ("label_country", pa.string()), ("label_region", pa.string()), ("label_subregion", pa.string()),
-    ("label_city", pa.string()),
-])
 LEDGER_SCHEMA = pa.schema([(name, pa.string()) for name in
                            ("source", "input_id", "key", "stage", "reason", "detail", "part")])
 SOURCE_REJECTED = "rejected"
@@ -156,13 +144,13 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
          | "CountPresence" >> beam.combiners.Count.PerElement()
          | "PresenceList" >> beam.combiners.ToList()
          | "WritePresence" >> beam.Map(outdir.write_counts, config.out, outdir.PRESENCE_FILE))
-    manifest, write_rejected, _stats = records | "Write" >> WriteParts(
+    pieces, write_rejected, _stats = records | "Write" >> WriteParts(
         config.out, config.parts, config.limits, config.fail_writer_after)
     rejected.append(write_rejected)
 
-    _ = (manifest | "WriteManifest" >> beam.io.WriteToParquet(
-        outdir.join(config.out, "manifest"), MANIFEST_SCHEMA, file_name_suffix=".parquet",
-        num_shards=1, shard_name_template=""))
+    _ = (pieces
+         | "AllManifestPieces" >> beam.combiners.ToList()  # one path per shard: small
+         | "MergeManifest" >> beam.Map(manifest.merge_pieces, config.out))
     _ = (tuple(rejected)
          | "AllRejected" >> beam.Flatten()
          | "LedgerRows" >> beam.Map(_ledger_row)

@@ -183,20 +183,35 @@ def resolve(edges: Iterable[Sequence[Hashable]], ranks: Mapping[Hashable, tuple]
     return mapping
 
 
-def group_entries(info: ImageInfo, radius: int = DEFAULT_RADIUS) -> list[tuple[tuple, ImageInfo]]:
-    """The groups an image joins: its sha256 and each (band, value) of its phash."""
-    entries = [(("sha", info.sha256), info)] if info.sha256 else []
+def group_entries(info: ImageInfo, radius: int = DEFAULT_RADIUS) -> list[tuple[tuple, tuple]]:
+    """The groups an image joins: its sha256 and each (band, value) of its phash.
+
+    Entries are plain tuples (a NamedTuple costs Beam's coder its class path each time), and only
+    the sha256 group carries the sha256: the band groups need (key, phash, area) alone, and an
+    image joins radius+1 of them, so this keeps the group-by (held in memory by the local runner)
+    to about half its size. `plan_rejects` takes the sha256 from the sha edges, which exist for
+    every image whose bytes another image shares."""
+    entries = [(("sha", info.sha256), tuple(info))] if info.sha256 else []
     if info.phash is not None:
-        entries += [(("band", i, v), info) for i, v in band_keys(info.phash, radius)]
+        slim = (info.key, info.phash, info.area)
+        entries += [(("band", i, v), slim) for i, v in band_keys(info.phash, radius)]
     return entries
 
 
-def group_edges(group: tuple, infos: Iterable[ImageInfo], radius: int = DEFAULT_RADIUS
+def _member_info(group: tuple, member: tuple) -> ImageInfo:
+    if group[0] == "sha":
+        return ImageInfo(*member)
+    key, phash, area = member
+    return ImageInfo(key, "", phash, area)
+
+
+def group_edges(group: tuple, members: Iterable[tuple], radius: int = DEFAULT_RADIUS
                 ) -> list[tuple[ImageInfo, ImageInfo]]:
-    """Duplicate pairs inside one group, as pairs of ImageInfo (the resolve step needs their
-    ranks and hashes). Reduced to a spanning forest: a burst of n mutually similar photos
-    sends n-1 edges to the global step, not n^2/2; components stay the same."""
-    by_key = {info.key: info for info in infos}
+    """Duplicate pairs inside one group (members as `group_entries` made them), as pairs of
+    ImageInfo (the resolve step needs their ranks and hashes). Reduced to a spanning forest: a
+    burst of n mutually similar photos sends n-1 edges to the global step, not n^2/2; components
+    stay the same."""
+    by_key = {info.key: info for info in (_member_info(group, m) for m in members)}
     if len(by_key) < 2:
         return []
     if group[0] == "sha":
@@ -214,7 +229,10 @@ def group_edges(group: tuple, infos: Iterable[ImageInfo], radius: int = DEFAULT_
 def plan_rejects(info_edges: Iterable[tuple[ImageInfo, ImageInfo]]) -> dict[str, Reject]:
     """All duplicate edges of the run -> {dropped_key: Reject naming the kept key}."""
     info_edges = list(info_edges)
-    infos = {info.key: info for edge in info_edges for info in edge}
+    infos: dict[str, ImageInfo] = {}
+    for info in (info for edge in info_edges for info in edge):
+        if info.sha256 or info.key not in infos:  # band edges carry no sha256; sha edges do
+            infos[info.key] = info
     mapping = resolve([(a.key, b.key) for a, b in info_edges],
                       {k: keep_rank(i) for k, i in infos.items()})
     return {dropped: _reject(infos[dropped], infos[kept]) for dropped, kept in mapping.items()}

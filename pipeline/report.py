@@ -71,7 +71,7 @@ def conservation(parts, inputs: dict, presence: list, ledger: list[dict], sample
 
 def build_report(config, metrics: dict) -> dict:
     from pipeline.agreement import LEVELS
-    from pipeline.build import MANIFEST_SCHEMA
+    from pipeline.manifest import MANIFEST_SCHEMA
 
     out = config.out
     first_part = config.parts[0]

@@ -146,7 +146,7 @@ def _save(fig, out: str, name: str) -> str:
 
 def make_plots(out: str, report: dict) -> list[str]:
     """Write OUT/plots/*.png from OUT's manifest and ledger; returns their paths relative to OUT."""
-    from pipeline.build import MANIFEST_SCHEMA
+    from pipeline.manifest import MANIFEST_SCHEMA
 
     # The columns the plots draw, not whole rows: a manifest has a row per sample.
     manifest = read_columns(outdir.join(out, "manifest.parquet"),

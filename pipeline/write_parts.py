@@ -16,8 +16,7 @@ import fastjsonschema
 import jsonschema
 from apache_beam.metrics import Metrics
 
-from pipeline import writer
-from pipeline.agreement import manifest_labels
+from pipeline import manifest, writer
 from pipeline.data_files import load_json
 from pipeline.record import Record, Reject, Rejection
 from pipeline.stash import unstash
@@ -35,23 +34,6 @@ def _samples(record: Record, parts):
     for part in parts:
         if part in present:
             yield (part, record.split), record
-
-
-def manifest_row(record: Record, part: str, shard: str | None = None) -> dict:
-    loc = record.location or {}
-    img = record.image or {}
-    return {
-        "part": part, "split": record.split, "shard": shard, "key": record.key,
-        "source": record.source, "input_id": record.input_id, "lat": record.lat, "lon": record.lon,
-        "continent": loc.get("continent"), "country_code": loc.get("country_code"),
-        "country": loc.get("country"), "sovereign_code": loc.get("sovereign_code"),
-        "admin1": loc.get("admin1"), "admin2": loc.get("admin2"), "city": loc.get("city"),
-        "city_id": loc.get("city_id"), "nearest_country_code": loc.get("nearest_country_code"),
-        "country_disagreement": loc.get("country_disagreement"),
-        "sha256": img.get("sha256"), "phash": img.get("phash"),
-        "width": img.get("width"), "height": img.get("height"),
-        **manifest_labels(record),  # a source's own labels (OSV-5M), for the report's agreement
-    }
 
 
 class _WriteGroups(beam.DoFn):
@@ -97,7 +79,7 @@ class _WriteGroups(beam.DoFn):
                 else:
                     good.append(by_key[key])
                     encoded[key] = writer.encode_json(body)
-                    rows.append(manifest_row(record, part))
+                    rows.append(manifest.manifest_row(record, part))
             if not good:
                 continue
             stats = writer.write_shard(self.out, path, good, part, self.fail_after, encoded)
@@ -106,7 +88,7 @@ class _WriteGroups(beam.DoFn):
             yield beam.pvalue.TaggedOutput(self.STATS, stats)
             for row in rows:
                 row["shard"] = stats["shard"]
-                yield row
+            yield manifest.write_piece(self.out, stats["shard"], rows)  # rows stay out of shuffles
 
     def _schema_problem(self, body: dict) -> str:
         return self.checker.problem(body)
@@ -163,7 +145,7 @@ def _number(chunk_ids) -> dict:
 
 
 class WriteParts(beam.PTransform):
-    """records -> (manifest rows, rejections, shard stats)."""
+    """records -> (manifest piece paths, rejections, shard stats)."""
 
     def __init__(self, out: str, parts, limits: writer.ShardLimits, fail_after=None):
         super().__init__()
@@ -188,5 +170,5 @@ class WriteParts(beam.PTransform):
                      | "Number" >> beam.Map(_number))
         result = grouped | "WriteShards" >> beam.ParDo(
             _WriteGroups(self.out, limits, self.fail_after), beam.pvalue.AsSingleton(numbering)
-        ).with_outputs(_WriteGroups.REJECTED, _WriteGroups.STATS, main="manifest")
-        return result.manifest, result[_WriteGroups.REJECTED], result[_WriteGroups.STATS]
+        ).with_outputs(_WriteGroups.REJECTED, _WriteGroups.STATS, main="manifest_pieces")
+        return result.manifest_pieces, result[_WriteGroups.REJECTED], result[_WriteGroups.STATS]

@@ -15,7 +15,8 @@ from PIL import Image
 from pipeline import dedupe
 from pipeline.beam_stage import stage_metrics
 from pipeline.dedupe import (Dedupe, ImageInfo, band_keys, band_layout, dedupe_records,
-                             edges_in_group, find_duplicates, image_info, resolve)
+                             edges_in_group, find_duplicates, group_edges, image_info, plan_rejects,
+                             resolve)
 from pipeline.record import Record
 from pipeline.unionfind import UnionFind
 
@@ -247,3 +248,18 @@ def test_beam_transform_matches_reference(photo_records):
     assert counts["out"] + counts["rejected"] == counts["in"]
     assert counts["reason.duplicate"] == 1 and counts["reason.near_duplicate"] == 3
     assert counts["unhashed"] == 1
+
+
+def test_exact_copy_stays_duplicate_whichever_edge_comes_first():
+    """Band groups carry no sha256 (to keep the group-by small); the sha group's edge says the
+    bytes are equal, in whatever order the runner hands the edges over."""
+    sha, phash = "ab" * 32, 0x0123456789ABCDEF
+    a, b = ImageInfo("a", sha, phash, 10), ImageInfo("b", sha, phash, 10)
+    band_edge = group_edges(("band", 0, 1), [("a", phash, 10), ("b", phash, 10)])
+    sha_edge = group_edges(("sha", sha), [tuple(a), tuple(b)])
+    assert band_edge[0][0].sha256 == "" and sha_edge == [(a, b)]
+    for edges in (band_edge + sha_edge, sha_edge + band_edge):
+        rejects = plan_rejects(edges)
+        assert list(rejects) == ["b"] and rejects["b"].reason == "duplicate", rejects
+    # Without the sha edge (different bytes, same picture) it is a near duplicate.
+    assert plan_rejects(band_edge)["b"].reason == "near_duplicate"

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from pipeline import stats
-from pipeline.build import LEDGER_SCHEMA, MANIFEST_SCHEMA, BuildConfig, run_build
+from pipeline.build import LEDGER_SCHEMA, BuildConfig, run_build
+from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.commands import COMMANDS
 
 
