@@ -17,7 +17,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
 from pipeline import manifest, outdir, writer
-from pipeline.beam_stage import METRIC_PREFIX, ApplyStage, TimedMap, stage_metrics
+from pipeline.beam_stage import METRIC_PREFIX, ApplyStage, CountValues, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
 from pipeline.geocode import GeocodeStage
@@ -116,8 +116,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     inputs = ((records, read[SOURCE_REJECTED])
               | "AllInputs" >> beam.Flatten()
               | "InputSource" >> beam.Map(lambda r: r.source)
-              | "CountInputs" >> beam.combiners.Count.PerElement()
-              | "InputList" >> beam.combiners.ToList()
+              | "CountInputs" >> beam.CombineGlobally(CountValues())
               | "WriteInputs" >> beam.Map(outdir.write_counts, config.out, outdir.INPUTS_FILE))
 
     for stage in record_stages(config):
@@ -141,8 +140,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     _ = (records
          | "PartPresence" >> beam.FlatMap(
              lambda r, parts: [(r.source, part, part in r.parts_present()) for part in parts], config.parts)
-         | "CountPresence" >> beam.combiners.Count.PerElement()
-         | "PresenceList" >> beam.combiners.ToList()
+         | "CountPresence" >> beam.CombineGlobally(CountValues())
          | "WritePresence" >> beam.Map(outdir.write_counts, config.out, outdir.PRESENCE_FILE))
     pieces, write_rejected, _stats = records | "Write" >> WriteParts(
         config.out, config.parts, config.limits, config.fail_writer_after)
@@ -180,6 +178,7 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     if {"clue", "dialogue"} & set(config.parts):
         from pipeline.llm_parts import check_llm
         check_llm(config)
+    manifest.use_system_allocator()  # the merge, the ledger and the report run in this process
     options = PipelineOptions(beam_args)
     dry_run = options.view_as(TestOptions).dry_run
     if not dry_run:

@@ -23,6 +23,7 @@ shuffle: records (which carry image bytes) are never grouped, only filtered agai
 from __future__ import annotations
 
 import functools
+import struct
 from typing import Hashable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
@@ -183,35 +184,44 @@ def resolve(edges: Iterable[Sequence[Hashable]], ranks: Mapping[Hashable, tuple]
     return mapping
 
 
-def group_entries(info: ImageInfo, radius: int = DEFAULT_RADIUS) -> list[tuple[tuple, tuple]]:
-    """The groups an image joins: its sha256 and each (band, value) of its phash.
+# A group member as one bytes object: phash, has-phash, area, sha256 length, sha256 text, key.
+# The local runner keeps every grouped value decoded until the group-by is read, and an image joins
+# radius+1 band groups: one small bytes object per membership instead of a tuple of a str and two
+# ints (~90 instead of ~210 bytes, one allocation instead of four) keeps the group-by's memory
+# from growing faster than it must with the corpus (bench/bench_memory.py).
+_MEMBER_HEAD = struct.Struct(">Q?QH")
 
-    Entries are plain tuples (a NamedTuple costs Beam's coder its class path each time), and only
-    the sha256 group carries the sha256: the band groups need (key, phash, area) alone, and an
-    image joins radius+1 of them, so this keeps the group-by (held in memory by the local runner)
-    to about half its size. `plan_rejects` takes the sha256 from the sha edges, which exist for
-    every image whose bytes another image shares."""
-    entries = [(("sha", info.sha256), tuple(info))] if info.sha256 else []
+
+def pack_member(info: ImageInfo, with_sha: bool) -> bytes:
+    sha = info.sha256.encode("utf-8") if with_sha else b""
+    return (_MEMBER_HEAD.pack(info.phash or 0, info.phash is not None, info.area, len(sha))
+            + sha + info.key.encode("utf-8"))
+
+
+def unpack_member(data: bytes) -> ImageInfo:
+    phash, has_phash, area, n_sha = _MEMBER_HEAD.unpack_from(data)
+    head = _MEMBER_HEAD.size
+    return ImageInfo(data[head + n_sha:].decode("utf-8"), data[head:head + n_sha].decode("utf-8"),
+                     phash if has_phash else None, area)
+
+
+def group_entries(info: ImageInfo, radius: int = DEFAULT_RADIUS) -> list[tuple[tuple, bytes]]:
+    """The groups an image joins: its sha256 and each (band, value) of its phash. Only the sha256
+    group's member carries the sha256 (the bands compare phashes); `plan_rejects` takes it from
+    there to tell the same bytes (duplicate) from the same picture (near duplicate)."""
+    entries = [(("sha", info.sha256), pack_member(info, True))] if info.sha256 else []
     if info.phash is not None:
-        slim = (info.key, info.phash, info.area)
-        entries += [(("band", i, v), slim) for i, v in band_keys(info.phash, radius)]
+        entries += [(("band", i, v), pack_member(info, False)) for i, v in band_keys(info.phash, radius)]
     return entries
 
 
-def _member_info(group: tuple, member: tuple) -> ImageInfo:
-    if group[0] == "sha":
-        return ImageInfo(*member)
-    key, phash, area = member
-    return ImageInfo(key, "", phash, area)
-
-
-def group_edges(group: tuple, members: Iterable[tuple], radius: int = DEFAULT_RADIUS
+def group_edges(group: tuple, members: Iterable[bytes], radius: int = DEFAULT_RADIUS
                 ) -> list[tuple[ImageInfo, ImageInfo]]:
     """Duplicate pairs inside one group (members as `group_entries` made them), as pairs of
     ImageInfo (the resolve step needs their ranks and hashes). Reduced to a spanning forest: a
     burst of n mutually similar photos sends n-1 edges to the global step, not n^2/2; components
     stay the same."""
-    by_key = {info.key: info for info in (_member_info(group, m) for m in members)}
+    by_key = {info.key: info for info in map(unpack_member, members)}
     if len(by_key) < 2:
         return []
     if group[0] == "sha":
@@ -231,7 +241,7 @@ def plan_rejects(info_edges: Iterable[tuple[ImageInfo, ImageInfo]]) -> dict[str,
     info_edges = list(info_edges)
     infos: dict[str, ImageInfo] = {}
     for info in (info for edge in info_edges for info in edge):
-        if info.sha256 or info.key not in infos:  # band edges carry no sha256; sha edges do
+        if info.sha256 or info.key not in infos:  # only the sha groups' members carry the sha256
             infos[info.key] = info
     mapping = resolve([(a.key, b.key) for a, b in info_edges],
                       {k: keep_rank(i) for k, i in infos.items()})

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.beam_stage import METRIC_PREFIX
+from pipeline.beam_stage import METRIC_PREFIX, DistinctValues
 from pipeline.record import Record
 from pipeline.unionfind import UnionFind
 
@@ -176,8 +176,7 @@ class AssignSplit(beam.PTransform):
         """The linked cells as one element {cell: unit root}, for a side input."""
         return (records
                 | "Cell" >> beam.Map(_record_cell, self.link_km)
-                | "Distinct" >> beam.Distinct()
-                | "AllCells" >> beam.combiners.ToList()
+                | "AllCells" >> beam.CombineGlobally(DistinctValues())
                 | "Link" >> beam.Map(_linked_roots_logged))
 
     def assign_fn(self) -> beam.DoFn:

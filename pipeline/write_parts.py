@@ -44,6 +44,7 @@ class _WriteGroups(beam.DoFn):
         self.out, self.limits, self.fail_after = out, limits, fail_after
 
     def setup(self):
+        manifest.use_system_allocator()
         self.checker = SampleChecker(load_json(RECORD_SCHEMA))
         self.n_samples = Metrics.counter("mg_geo.write", "samples")
         self.n_shards = Metrics.counter("mg_geo.write", "shards")
@@ -64,31 +65,34 @@ class _WriteGroups(beam.DoFn):
         chunks = writer.plan_chunks([(k, writer.planned_size(r)) for k, r in by_key.items()], self.limits)
         for i, keys in enumerate(chunks):
             path = writer.shard_path(self.out, part, split, numbering[(part, split, bucket, i)])
-            good, encoded, rows = [], {}, []
-            for key in keys:
-                # One whole record at a time: its json and manifest row are kept, its JPEG is read
-                # again while the shard is written, so a shard's pixels never sit in memory at once.
-                record = unstash(by_key[key])
-                body = writer.sample_body(record, part)
-                problem = self._schema_problem(body)
-                if problem:
-                    # Our own defect, not the input's: still one ledger row, never a lost record.
-                    self.n_rejected.inc()
-                    yield beam.pvalue.TaggedOutput(self.REJECTED, Rejection.of(
-                        record, "write", Reject("schema_invalid", problem), part))
-                else:
-                    good.append(by_key[key])
-                    encoded[key] = writer.encode_json(body)
-                    rows.append(manifest.manifest_row(record, part))
-            if not good:
-                continue
-            stats = writer.write_shard(self.out, path, good, part, self.fail_after, encoded)
+            rows, rejections = [], []
+            stats = writer.write_samples(self.out, path, self._samples(by_key, keys, part, rows, rejections),
+                                         part, self.fail_after)
+            for rejection in rejections:
+                # Our own defect, not the input's: still one ledger row, never a lost record.
+                self.n_rejected.inc()
+                yield beam.pvalue.TaggedOutput(self.REJECTED, rejection)
+            if stats is None:
+                continue  # every sample of the chunk was refused: no shard, no manifest piece
             self.n_shards.inc()
-            self.n_samples.inc(len(good))
+            self.n_samples.inc(stats["samples"])
             yield beam.pvalue.TaggedOutput(self.STATS, stats)
             for row in rows:
                 row["shard"] = stats["shard"]
             yield manifest.write_piece(self.out, stats["shard"], rows)  # rows stay out of shuffles
+
+    def _samples(self, by_key: dict, keys: list[str], part: str, rows: list, rejections: list):
+        """(key, jpg, json) of each sample as the shard writer asks for it: one whole record out of
+        its stash at a time, checked against the schema; a refused one becomes a rejection."""
+        for key in keys:
+            record = unstash(by_key[key])
+            body = writer.sample_body(record, part)
+            problem = self._schema_problem(body)
+            if problem:
+                rejections.append(Rejection.of(record, "write", Reject("schema_invalid", problem), part))
+                continue
+            rows.append(manifest.manifest_row(record, part))
+            yield key, record.image_bytes, writer.encode_json(body)
 
     def _schema_problem(self, body: dict) -> str:
         return self.checker.problem(body)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from typing import Iterable
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -95,36 +96,46 @@ def _ensure_parent(path: str) -> None:
                 raise
 
 
-def write_shard(out: str, path: str, records: list[Record], part: str, fail_after: int | None = None,
-                encoded: dict[str, bytes] | None = None) -> dict:
-    """Write one complete shard to `path` (via a temporary file) and return its stats.
+def write_shard(out: str, path: str, records: list[Record], part: str, fail_after: int | None = None) -> dict:
+    """Write one complete shard of whole records (or thin copies) to `path`; returns its stats."""
+    samples = ((r.key, jpeg_of(r), sample_json(r, part)) for r in records)
+    return write_samples(out, path, samples, part, fail_after)
 
-    `encoded` holds json already made (and checked) by the caller, by key. `fail_after` exists for
-    the crash test: raise after that many samples, like a worker dying."""
+
+def write_samples(out: str, path: str, samples: Iterable[tuple[str, bytes, bytes]], part: str,
+                  fail_after: int | None = None) -> dict | None:
+    """Write (key, jpg, json) samples as one complete shard at `path`, via a temporary file;
+    returns its stats, or None (and no shard) when `samples` yields nothing.
+
+    Samples are consumed one at a time, so a caller can make each from its stash as it is
+    written and a shard's pixels never sit in memory together. `fail_after` exists for the crash
+    test: raise after that many samples, like a worker dying."""
     tmp = FileSystems.join(out, "_tmp", f"{uuid.uuid4().hex}.tar.partial")
-    total = 0
+    total, keys = 0, []
     try:
         with FileSystems.create(tmp) as stream:
             writer = ShardTarWriter(stream, mtime=0)  # what webdataset.TarWriter writes, without torch
             try:
-                for i, record in enumerate(records):
-                    if fail_after is not None and i >= fail_after:
+                for key, jpg, body in samples:
+                    if fail_after is not None and len(keys) >= fail_after:
                         raise RuntimeError(f"injected writer failure after {fail_after} samples")
-                    if not SAFE_KEY.match(record.key):
-                        raise ValueError(f"unsafe key {record.key!r} reached the writer")
-                    body = encoded[record.key] if encoded else sample_json(record, part)
-                    total += writer.write({"__key__": record.key, "jpg": jpeg_of(record), "json": body})
+                    if not SAFE_KEY.match(key):
+                        raise ValueError(f"unsafe key {key!r} reached the writer")
+                    total += writer.write({"__key__": key, "jpg": jpg, "json": body})
+                    keys.append(key)
             finally:
                 writer.close()  # on failure too: the temporary file is deleted below anyway
     except BaseException:
         if FileSystems.exists(tmp):
             FileSystems.delete([tmp])
         raise
+    if not keys:
+        FileSystems.delete([tmp])
+        return None
     _ensure_parent(path)
     FileSystems.rename([tmp], [path])
-    stats = {"shard": path.rsplit("/", 1)[-1], "part": part, "samples": len(records), "bytes": total,
-             "first_key": records[0].key if records else None,
-             "last_key": records[-1].key if records else None}
+    stats = {"shard": path.rsplit("/", 1)[-1], "part": part, "samples": len(keys), "bytes": total,
+             "first_key": keys[0], "last_key": keys[-1]}
     marker = path[: -len(".tar")] + "_stats.json"
     with FileSystems.create(marker) as stream:
         stream.write(json.dumps(stats, indent=1, sort_keys=True).encode())

@@ -15,8 +15,8 @@ from PIL import Image
 from pipeline import dedupe
 from pipeline.beam_stage import stage_metrics
 from pipeline.dedupe import (Dedupe, ImageInfo, band_keys, band_layout, dedupe_records,
-                             edges_in_group, find_duplicates, group_edges, image_info, plan_rejects,
-                             resolve)
+                             edges_in_group, find_duplicates, group_edges, group_entries,
+                             image_info, pack_member, plan_rejects, resolve, unpack_member)
 from pipeline.record import Record
 from pipeline.unionfind import UnionFind
 
@@ -251,15 +251,28 @@ def test_beam_transform_matches_reference(photo_records):
 
 
 def test_exact_copy_stays_duplicate_whichever_edge_comes_first():
-    """Band groups carry no sha256 (to keep the group-by small); the sha group's edge says the
-    bytes are equal, in whatever order the runner hands the edges over."""
+    """Only the sha256 group's members carry the sha256 (to keep the group-by small); its edge
+    says the bytes are equal, in whatever order the runner hands the edges over."""
     sha, phash = "ab" * 32, 0x0123456789ABCDEF
     a, b = ImageInfo("a", sha, phash, 10), ImageInfo("b", sha, phash, 10)
-    band_edge = group_edges(("band", 0, 1), [("a", phash, 10), ("b", phash, 10)])
-    sha_edge = group_edges(("sha", sha), [tuple(a), tuple(b)])
-    assert band_edge[0][0].sha256 == "" and sha_edge == [(a, b)]
-    for edges in (band_edge + sha_edge, sha_edge + band_edge):
+    entries = group_entries(a) + group_entries(b)
+    assert [unpack_member(m) for g, m in entries if g[0] == "sha"] == [a, b]
+    assert all(unpack_member(m).sha256 == "" for g, m in entries if g[0] == "band")
+    by_group = {}
+    for group, member in entries:
+        by_group.setdefault(group, []).append(member)
+    band = group_edges(("band", 0, band_keys(phash)[0][1]), by_group[("band", 0, band_keys(phash)[0][1])])
+    exact = group_edges(("sha", sha), by_group[("sha", sha)])
+    assert band == [(a._replace(sha256=""), b._replace(sha256=""))] and exact == [(a, b)]
+    for edges in (band + exact, exact + band):
         rejects = plan_rejects(edges)
         assert list(rejects) == ["b"] and rejects["b"].reason == "duplicate", rejects
-    # Without the sha edge (different bytes, same picture) it is a near duplicate.
-    assert plan_rejects(band_edge)["b"].reason == "near_duplicate"
+    # Without the sha256 edge (different bytes, same picture) it is a near duplicate.
+    assert plan_rejects(band)["b"].reason == "near_duplicate"
+
+
+def test_member_packing_round_trips():
+    for info in (ImageInfo("k-ü", "ab" * 32, (1 << 64) - 1, 12_000_000), ImageInfo("k", "", 0, 0),
+                 ImageInfo("k", "x" * 300, None, 5)):
+        assert unpack_member(pack_member(info, True)) == info
+        assert unpack_member(pack_member(info, False)) == info._replace(sha256="")

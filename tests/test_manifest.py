@@ -4,7 +4,6 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import manifest
 from pipeline.manifest import MANIFEST_SCHEMA, merge_pieces, write_piece
 
 
@@ -33,15 +32,12 @@ def test_no_pieces_give_an_empty_manifest_with_the_schema(tmp_path):
     assert table.num_rows == 0 and table.schema.equals(MANIFEST_SCHEMA)
 
 
-def test_row_groups_gather_pieces_up_to_the_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(manifest, "ROW_GROUP_ROWS", 4)
+def test_each_piece_is_one_row_group(tmp_path):
     out = str(tmp_path)
-    pieces = [write_piece(out, f"meta-train-{i:06d}.tar", _rows(f"s{i}", [f"k{i}a", f"k{i}b", f"k{i}c"]))
-              for i in range(5)]
+    pieces = [write_piece(out, f"meta-train-{i:06d}.tar", _rows(f"s{i}", [f"k{i}-{j}" for j in range(i + 1)]))
+              for i in range(4)]
     meta = pq.ParquetFile(merge_pieces(pieces, out)).metadata
-    assert meta.num_rows == 15
-    # Two pieces (3+3 rows) reach the limit and are written together, in groups of at most 4.
-    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 2, 4, 2, 3]
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [1, 2, 3, 4]
 
 
 def test_a_rewritten_piece_replaces_the_old_one(tmp_path):

@@ -78,3 +78,53 @@ def test_unsafe_key_never_reaches_a_tar(tmp_path):
     with pytest.raises(ValueError, match="unsafe key"):
         writer.write_shard(str(tmp_path), writer.shard_path(str(tmp_path), "meta", "train", 0), [bad], "meta")
     assert not list(tmp_path.rglob("*.tar"))
+
+
+def _built_records(folder) -> list[Record]:
+    """Whole records as the build's per-record stages make them, from real photos."""
+    from pipeline.build import BuildConfig, record_stages
+    from pipeline.sources import parse_source
+    from pipeline.stage import run_stage
+
+    source = parse_source(f"exif:{folder}", {})
+    records = [r for unit in source.units() for r, reject in source.records(unit) if reject is None]
+    for stage in record_stages(BuildConfig(sources=[], out="")):
+        stage.setup()
+        records, _ = run_stage(stage, records)
+    return [r.replace(split="train") for r in records]
+
+
+def test_write_parts_turns_a_schema_violation_into_a_ledger_row_and_loses_nothing(tmp_path, exif_samples):
+    """A sample the schema refuses (our defect, not the input's) becomes a "write" ledger row; the
+    others of its shard are written; a chunk of refused samples only leaves no shard behind."""
+    import apache_beam as beam
+    import pyarrow.parquet as pq
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from pipeline import manifest
+    from pipeline.data_files import load_json
+    from pipeline.write_parts import RECORD_SCHEMA, SampleChecker, WriteParts
+
+    checker = SampleChecker(load_json(RECORD_SCHEMA))
+    good = _built_records(exif_samples / "gps")
+    bad = good.pop().replace(lat=500.0)  # beyond the schema's latitude range
+    lone = good.pop().replace(lat=-500.0, split="val")  # the only sample of its (part, split)
+    assert len(good) >= 4 and all(not checker.problem(writer.sample_body(r, "meta")) for r in good)
+    assert checker.problem(writer.sample_body(bad, "meta")).startswith("lat")
+    out = str(tmp_path)
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        pieces, rejected, _ = (p | beam.Create(good + [bad, lone])
+                               | WriteParts(out, ["meta"], writer.ShardLimits(max_samples=3)))
+        _ = (rejected | beam.Map(lambda r: json.dumps([r.key, r.stage, r.reason, r.part]))
+             | beam.io.WriteToText(str(tmp_path / "rejected"), shard_name_template=""))
+        _ = pieces | beam.combiners.ToList() | beam.Map(manifest.merge_pieces, out)
+    rows = [json.loads(line) for line in (tmp_path / "rejected").read_text().splitlines()]
+    assert sorted(rows) == sorted([[bad.key, "write", "schema_invalid", "meta"],
+                                   [lone.key, "write", "schema_invalid", "meta"]])
+    written = pq.read_table(tmp_path / "manifest.parquet").column("key").to_pylist()
+    assert sorted(written) == sorted(r.key for r in good)
+    tars = sorted((tmp_path / "meta").rglob("*.tar"))
+    assert {t.parent.name for t in tars} == {"train"} and len(tars) >= 2  # nothing for val
+    in_tars = [s["__key__"] for t in tars for s in wds.WebDataset(str(t), shardshuffle=False)]
+    assert sorted(in_tars) == sorted(r.key for r in good)
+    assert not list(tmp_path.rglob("*.partial"))
