@@ -380,3 +380,18 @@ def test_sources_and_units_pickle(shards, tmp_path):
         units = pickle.loads(pickle.dumps(list(source.units())))
         assert [r.key for u in units for r, _ in source.records(u)] == \
             [r.key for r, _ in collect(parse_source(spec))]
+
+
+def test_exif_units_are_batches_that_cover_every_photo_once(exif_samples, monkeypatch):
+    from pipeline.sources import exif as exif_module
+
+    whole = [r.key for r, _ in collect(parse_source(f"exif:{exif_samples}", {}))]
+    monkeypatch.setattr(exif_module, "UNITS_WANTED", 4)
+    source = parse_source(f"exif:{exif_samples}", {})
+    units = list(source.units())
+    assert len(units) == 4 and all(isinstance(u, tuple) for u in units)
+    assert max(map(len, units)) - min(map(len, units)) <= len(units[0])  # even batches, last one smaller
+    keys = [r.key for u in units for r, _ in source.records(u)]
+    assert keys == whole and len(keys) == len(set(keys)) > 30
+    monkeypatch.setattr(exif_module, "MAX_PER_UNIT", 5)
+    assert max(map(len, source.units())) == 5

@@ -7,6 +7,10 @@ from pipeline.record import Record, make_key
 from pipeline.sources.base import IMAGE_EXTENSIONS, Source, SourceError, relative_to
 
 
+UNITS_WANTED = 256   # batches to aim for: plenty to spread over workers
+MAX_PER_UNIT = 1000  # photos per batch at most, so a retried unit redoes little
+
+
 class ExifSource(Source):
     kind = "exif"
 
@@ -18,14 +22,20 @@ class ExifSource(Source):
             raise SourceError(f"exif source is not a directory: {self.location}")
 
     def units(self):
+        """Batches of sorted photo paths (tuples): a unit per photo made the job graph and the
+        runner's first shuffle hold one element per photo (bench/bench_memory.py); ~UNITS_WANTED
+        batches still spread over any number of workers the local runner has."""
         # Files that are not named like images (READMEs, sidecars) are not inputs; files named
         # like images are, whatever they hold: a text file called x.jpg is rejected with a reason.
         pattern = self.location.rstrip("/") + "/**"
-        for meta in sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path):
-            if meta.path.lower().endswith(IMAGE_EXTENSIONS):
-                yield meta.path
+        paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list
+                       if m.path.lower().endswith(IMAGE_EXTENSIONS))
+        per_unit = min(MAX_PER_UNIT, max(1, -(-len(paths) // UNITS_WANTED)))
+        for start in range(0, len(paths), per_unit):
+            yield tuple(paths[start:start + per_unit])
 
-    def records(self, path):
-        input_id = relative_to(self.location, path)
-        yield Record(key=make_key(self.spec, input_id), source=self.spec, input_id=input_id,
-                     image_path=path, coords_raw={"kind": "exif"}), None
+    def records(self, paths):
+        for path in paths:
+            input_id = relative_to(self.location, path)
+            yield Record(key=make_key(self.spec, input_id), source=self.spec, input_id=input_id,
+                         image_path=path, coords_raw={"kind": "exif"}), None
