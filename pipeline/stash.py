@@ -50,9 +50,14 @@ def unstash(record: Record) -> Record:
     """The whole record back (for a stage or the writer), with the thin copy's split."""
     if record.stash_ref is None:
         return record
-    with FileSystems.open(record.stash_ref) as stream:
+    return load(record.stash_ref, record.split)
+
+
+def load(path: str, split: str | None) -> Record:
+    """The whole record stashed at `path`, with the split decided since."""
+    with FileSystems.open(path) as stream:
         whole: Record = pickle.loads(stream.read())
-    return whole.replace(split=record.split)
+    return whole.replace(split=split)
 
 
 def jpeg_of(record: Record) -> bytes:

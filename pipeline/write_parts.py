@@ -19,7 +19,7 @@ from apache_beam.metrics import Metrics
 from pipeline import manifest, writer
 from pipeline.data_files import load_json
 from pipeline.record import Record, Reject, Rejection
-from pipeline.stash import unstash
+from pipeline.stash import load, stash
 
 log = logging.getLogger(__name__)
 RECORD_SCHEMA = "schemas/record.schema.json"
@@ -29,11 +29,18 @@ def _bucket(key: str, n: int) -> int:
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") % n
 
 
-def _samples(record: Record, parts):
+def _samples(record: Record, parts, out: str):
+    """((part, split), (key, planned size, stash file)) per sample of a record: all the writer's
+    group-by carries. Thin Records (~1.5 KB each once the local runner has decoded them) made it
+    the largest thing the runner held after the records were stashed (bench/bench_memory.py)."""
     present = record.parts_present()
+    if not present:
+        return
+    thin = stash(record, out)  # a no-op for a thin copy; whole records (a library caller's) go now
+    slot = (record.key, writer.planned_size(record), thin.stash_ref)
     for part in parts:
         if part in present:
-            yield (part, record.split), record
+            yield (part, record.split), slot
 
 
 class _WriteGroups(beam.DoFn):
@@ -59,15 +66,15 @@ class _WriteGroups(beam.DoFn):
         yield from outputs
 
     def _write(self, element, numbering):
-        (part, split, bucket), records = element
-        by_key = {r.key: r for r in records}  # thin copies (pipeline.stash)
-        self.n_in.inc(len(by_key))
-        chunks = writer.plan_chunks([(k, writer.planned_size(r)) for k, r in by_key.items()], self.limits)
+        (part, split, bucket), slots = element
+        stash_refs = {key: ref for key, _, ref in slots}
+        self.n_in.inc(len(stash_refs))
+        chunks = writer.plan_chunks([(key, size) for key, size, _ in slots], self.limits)
         for i, keys in enumerate(chunks):
             path = writer.shard_path(self.out, part, split, numbering[(part, split, bucket, i)])
             rows, rejections = [], []
-            stats = writer.write_samples(self.out, path, self._samples(by_key, keys, part, rows, rejections),
-                                         part, self.fail_after)
+            samples = self._samples(stash_refs, split, keys, part, rows, rejections)
+            stats = writer.write_samples(self.out, path, samples, part, self.fail_after)
             for rejection in rejections:
                 # Our own defect, not the input's: still one ledger row, never a lost record.
                 self.n_rejected.inc()
@@ -81,11 +88,12 @@ class _WriteGroups(beam.DoFn):
                 row["shard"] = stats["shard"]
             yield manifest.write_piece(self.out, stats["shard"], rows)  # rows stay out of shuffles
 
-    def _samples(self, by_key: dict, keys: list[str], part: str, rows: list, rejections: list):
+    def _samples(self, stash_refs: dict, split: str, keys: list[str], part: str, rows: list,
+                 rejections: list):
         """(key, jpg, json) of each sample as the shard writer asks for it: one whole record out of
         its stash at a time, checked against the schema; a refused one becomes a rejection."""
         for key in keys:
-            record = unstash(by_key[key])
+            record = load(stash_refs[key], split)
             body = writer.sample_body(record, part)
             problem = self._schema_problem(body)
             if problem:
@@ -133,9 +141,8 @@ def _sum_pairs(pairs) -> tuple[int, int]:
 
 
 def _chunk_ids(element, limits):
-    (part, split, bucket), records = element
-    sizes = [(r.key, writer.planned_size(r)) for r in records]
-    for i in range(len(writer.plan_chunks(sizes, limits))):
+    (part, split, bucket), slots = element
+    for i in range(len(writer.plan_chunks([(key, size) for key, size, _ in slots], limits))):
         yield (part, split, bucket, i)
 
 
@@ -157,15 +164,15 @@ class WriteParts(beam.PTransform):
 
     def expand(self, records):
         limits = self.limits
-        samples = records | "BySample" >> beam.FlatMap(_samples, self.parts)
+        samples = records | "BySample" >> beam.FlatMap(_samples, self.parts, self.out)
         sizes = (samples
-                 | "Size" >> beam.Map(lambda kv: (kv[0], (1, writer.planned_size(kv[1]))))
+                 | "Size" >> beam.Map(lambda kv: (kv[0], (1, kv[1][1])))
                  | "SumSizes" >> beam.CombinePerKey(_sum_pairs))
         buckets = sizes | "Buckets" >> beam.Map(
             lambda kv: (kv[0], writer.bucket_count(kv[1][0], kv[1][1], limits)))
         grouped = (samples
                    | "ToBucket" >> beam.Map(
-                       lambda kv, nb: ((kv[0][0], kv[0][1], _bucket(kv[1].key, nb[kv[0]])), kv[1]),
+                       lambda kv, nb: ((kv[0][0], kv[0][1], _bucket(kv[1][0], nb[kv[0]])), kv[1]),
                        nb=beam.pvalue.AsDict(buckets))
                    | "GroupBucket" >> beam.GroupByKey())
         numbering = (grouped
