@@ -27,7 +27,7 @@ from pipeline.read import ReadStage
 from pipeline.record import Rejection
 from pipeline.sources import Source, parse_source
 from pipeline.split import AssignSplit
-from pipeline.stash import stash, unstash
+from pipeline.stash import BundleStash, unstash
 from pipeline.validate import ValidateStage
 from pipeline.write_parts import WriteParts
 
@@ -123,7 +123,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
         records, more = records | stage.name.capitalize() >> ApplyStage(stage)
         rejected.append(more)
     # Records go on as thin copies from here: the shuffles and waits below carry ~0.4 KB each.
-    records = records | "Stash" >> TimedMap("stash", stash, config.out)
+    records = records | "Stash" >> beam.ParDo(BundleStash(config.out))
     records, more = records | "DedupeSplit" >> DedupeAndSplit(
         Dedupe(radius=config.dedupe_radius), AssignSplit(ratios=config.split_ratios, link_km=config.split_link_km))
     rejected.append(more)
@@ -133,7 +133,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
         for stage, target in llm_stages(config):
             records, more = records | stage.name.capitalize() >> ApplySelected(stage, target)
             rejected.append(more)
-        records = records | "Restash" >> TimedMap("restash", stash, config.out)
+        records = records | "Restash" >> beam.ParDo(BundleStash(config.out, "restash"))
 
     # What reaches the writer, per source and part: with the inputs and the ledger this proves that
     # no record was lost (inputs = ledger rows for whole records + records at the writer).

@@ -9,13 +9,26 @@ the image facts (hashes, sizes), the country code (count-balanced selection), th
 parts present. `unstash` gives the whole record back, with the decisions taken since (the split).
 The directory goes with OUT/_tmp when the build ends.
 
-The file is a pickle of our own Record, written and read by the same build's workers only.
+The build stashes through `BundleStash`: one file per bundle, records appended to it, the thin
+copy's stash_ref naming "FILE#OFFSET:LENGTH". A file per record cost ~0.3-0.4 ms each to create
+(more than pickling the record) and as much again to delete when the build ended; appending costs
+~0.03 ms. Readers only come after a shuffle or a side input, when the bundle (and its file) is
+complete; a retried bundle writes a new file, and the thin copies of the failed attempt are
+discarded with it. `stash()` writes one file per record, for a whole record that reaches the
+writer unstashed (a library caller's).
+
+The files hold pickles of our own Records, written and read by the same build's workers only.
 """
 from __future__ import annotations
 
 import pickle
+import time
+import uuid
 
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 
 from pipeline.record import Record
 
@@ -31,6 +44,43 @@ def stash(record: Record, out: str) -> Record:
     with FileSystems.create(path) as stream:
         stream.write(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
     return thin_copy(record, path)
+
+
+class BundleStash(beam.DoFn):
+    """Whole records -> thin copies, each bundle's records appended to one stash file. Timed and
+    counted like a stage (mg_geo.<name>.micros), since it is our work."""
+
+    def __init__(self, out: str, name: str = "stash"):
+        self.out, self.name = out, name
+
+    def setup(self):
+        from pipeline.beam_stage import METRIC_PREFIX
+        self.micros = Metrics.counter(METRIC_PREFIX + self.name, "micros")
+        self.n_in = Metrics.counter(METRIC_PREFIX + self.name, "in")
+
+    def start_bundle(self):
+        self.stream, self.path, self.offset = None, None, 0
+
+    def process(self, record: Record):
+        start = time.perf_counter()
+        self.n_in.inc()
+        if record.stash_ref is None:
+            data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+            if self.stream is None:
+                self.path = FileSystems.join(self.out, STASH_DIR, f"{uuid.uuid4().hex}.records")
+                self.stream = FileSystems.create(self.path, compression_type=CompressionTypes.UNCOMPRESSED)
+            self.stream.write(data)
+            record = thin_copy(record, f"{self.path}#{self.offset}:{len(data)}")
+            self.offset += len(data)
+        self.micros.inc(int((time.perf_counter() - start) * 1e6))
+        yield record
+
+    def finish_bundle(self):
+        if self.stream is not None:
+            start = time.perf_counter()
+            self.stream.close()
+            self.stream = None
+            self.micros.inc(int((time.perf_counter() - start) * 1e6))
 
 
 # What dedupe (hashes, original size) and the writer's planning (JPEG size) read of record.image.
@@ -53,10 +103,18 @@ def unstash(record: Record) -> Record:
     return load(record.stash_ref, record.split)
 
 
-def load(path: str, split: str | None) -> Record:
-    """The whole record stashed at `path`, with the split decided since."""
-    with FileSystems.open(path) as stream:
-        whole: Record = pickle.loads(stream.read())
+def load(stash_ref: str, split: str | None) -> Record:
+    """The whole record a stash_ref names ("FILE" or "FILE#OFFSET:LENGTH"), with the split
+    decided since."""
+    path, _, span = stash_ref.rpartition("#") if "#" in stash_ref else (stash_ref, "", "")
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as stream:
+        if span:
+            offset, length = (int(v) for v in span.split(":"))
+            stream.seek(offset)
+            data = stream.read(length)
+        else:
+            data = stream.read()
+    whole: Record = pickle.loads(data)
     return whole.replace(split=split)
 
 
