@@ -270,3 +270,24 @@ def test_unwritable_cache_folder_still_builds_the_index(tmp_path, monkeypatch, f
 def test_reverse_geocoder_columns_are_the_ones_cached():
     assert reverse_geocoder.RG_COLUMNS == ["lat", "lon", "name", "admin1", "admin2", "cc"]
     assert places._TEXT_COLUMNS == tuple(reverse_geocoder.RG_COLUMNS[2:])
+
+
+# ---- plot outlines ---------------------------------------------------------------------------
+def test_cached_outlines_equal_a_fresh_simplification_and_a_damaged_file_is_rebuilt(cache_dir, monkeypatch):
+    from pipeline import stats
+
+    fresh = stats._build_outlines()
+    assert len(fresh) > 1000 and all(line.shape[1] == 2 and len(line) >= 2 for line in fresh)
+    stats.country_outlines.cache_clear()
+    assert all(np.array_equal(a, b) for a, b in zip(stats.country_outlines(), fresh))
+    [file] = _cache_files(cache_dir, "outlines")
+    stats.country_outlines.cache_clear()
+    _forbid(monkeypatch, stats, "_build_outlines")
+    cached = stats.country_outlines()
+    assert len(cached) == len(fresh) and all(np.array_equal(a, b) for a, b in zip(cached, fresh))
+    monkeypatch.undo()
+    monkeypatch.setenv("MG_GEO_CACHE_DIR", str(cache_dir))
+    file.write_bytes(file.read_bytes()[:-100])  # truncated: rebuilt, never half-read
+    stats.country_outlines.cache_clear()
+    assert len(stats.country_outlines()) == len(fresh)
+    stats.country_outlines.cache_clear()
