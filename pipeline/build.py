@@ -116,7 +116,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     inputs = ((records, read[SOURCE_REJECTED])
               | "AllInputs" >> beam.Flatten()
               | "InputSource" >> beam.Map(lambda r: r.source)
-              | "CountInputs" >> beam.CombineGlobally(CountValues())
+              | "CountInputs" >> beam.CombineGlobally(CountValues()).without_defaults()
               | "WriteInputs" >> beam.Map(outdir.write_counts, config.out, outdir.INPUTS_FILE))
 
     for stage in record_stages(config):
@@ -140,7 +140,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     _ = (records
          | "PartPresence" >> beam.FlatMap(
              lambda r, parts: [(r.source, part, part in r.parts_present()) for part in parts], config.parts)
-         | "CountPresence" >> beam.CombineGlobally(CountValues())
+         | "CountPresence" >> beam.CombineGlobally(CountValues()).without_defaults()
          | "WritePresence" >> beam.Map(outdir.write_counts, config.out, outdir.PRESENCE_FILE))
     pieces, write_rejected, _stats = records | "Write" >> WriteParts(
         config.out, config.parts, config.limits, config.fail_writer_after)

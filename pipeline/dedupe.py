@@ -316,17 +316,18 @@ class Dedupe(beam.PTransform):
         self.radius = radius
 
     def plan(self, records):
-        """The global decision as one element {dropped_key: Reject}, for a side input."""
+        """The global decision as one element {dropped_key: Reject}, for a side input; no element
+        when there are no duplicates (the side input's default {} stands in)."""
         radius = self.radius
         return (records
                 | "Info" >> beam.FlatMap(_info_or_nothing)
                 | "GroupKeys" >> beam.FlatMap(group_entries, radius)
                 | "Group" >> beam.GroupByKey()
                 | "Edges" >> beam.FlatMapTuple(group_edges, radius)
-                | "AllEdges" >> beam.combiners.ToList()
+                | "AllEdges" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
                 | "Resolve" >> beam.Map(plan_rejects))
 
     def expand(self, records):
         result = records | "Partition" >> beam.ParDo(
-            _PartitionFn(), beam.pvalue.AsSingleton(self.plan(records))).with_outputs(REJECTED, main="kept")
+            _PartitionFn(), beam.pvalue.AsSingleton(self.plan(records), default_value={})).with_outputs(REJECTED, main="kept")
         return result.kept, result[REJECTED]

@@ -49,6 +49,6 @@ class DedupeAndSplit(beam.PTransform):
         rejects = self.dedupe.plan(records)
         roots = self.split.plan(records)
         result = records | "Apply" >> beam.ParDo(
-            _DedupeThenSplit(self.split.assign_fn()), beam.pvalue.AsSingleton(rejects),
-            beam.pvalue.AsSingleton(roots)).with_outputs(REJECTED, main="kept")
+            _DedupeThenSplit(self.split.assign_fn()), beam.pvalue.AsSingleton(rejects, default_value={}),
+            beam.pvalue.AsSingleton(roots, default_value={})).with_outputs(REJECTED, main="kept")
         return result.kept, result[REJECTED]

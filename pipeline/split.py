@@ -173,14 +173,16 @@ class AssignSplit(beam.PTransform):
         self.link_km = check_link_km(link_km)
 
     def plan(self, records):
-        """The linked cells as one element {cell: unit root}, for a side input."""
+        """The linked cells as one element {cell: unit root}, for a side input; no element when
+        there are no records (a combine without a default saves the runner a step; the side
+        input's default {} stands in)."""
         return (records
                 | "Cell" >> beam.Map(_record_cell, self.link_km)
-                | "AllCells" >> beam.CombineGlobally(DistinctValues())
+                | "AllCells" >> beam.CombineGlobally(DistinctValues()).without_defaults()
                 | "Link" >> beam.Map(_linked_roots_logged))
 
     def assign_fn(self) -> beam.DoFn:
         return _AssignFn(self.ratios, self.link_km)
 
     def expand(self, records):
-        return records | "Assign" >> beam.ParDo(self.assign_fn(), beam.pvalue.AsSingleton(self.plan(records)))
+        return records | "Assign" >> beam.ParDo(self.assign_fn(), beam.pvalue.AsSingleton(self.plan(records), default_value={}))

@@ -177,9 +177,9 @@ class WriteParts(beam.PTransform):
                    | "GroupBucket" >> beam.GroupByKey())
         numbering = (grouped
                      | "ChunkIds" >> beam.FlatMap(_chunk_ids, limits)
-                     | "AllChunks" >> beam.combiners.ToList()
+                     | "AllChunks" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
                      | "Number" >> beam.Map(_number))
         result = grouped | "WriteShards" >> beam.ParDo(
-            _WriteGroups(self.out, limits, self.fail_after), beam.pvalue.AsSingleton(numbering)
+            _WriteGroups(self.out, limits, self.fail_after), beam.pvalue.AsSingleton(numbering, default_value={})
         ).with_outputs(_WriteGroups.REJECTED, _WriteGroups.STATS, main="manifest_pieces")
         return result.manifest_pieces, result[_WriteGroups.REJECTED], result[_WriteGroups.STATS]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -197,3 +198,18 @@ def test_bad_arguments_stop_at_once_with_one_message(args, message, exif_samples
     assert main(["build", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_a_build_where_every_input_is_rejected_still_accounts_for_all(tmp_path, exif_samples):
+    """No record reaches dedupe, split or the writer: the global steps have nothing to combine
+    (their side inputs fall back to empty plans) and the outputs still say where everything went."""
+    photos = tmp_path / "bad"
+    photos.mkdir()
+    for name in ("corrupted.jpg", "misc/no_exif.jpg", "invalid/image01980.jpg"):
+        shutil.copy(exif_samples / name, photos / name.replace("/", "_"))
+    out = tmp_path / "out"
+    report = run_build(BuildConfig(sources=[f"exif:{photos}"], out=str(out)), [])
+    assert report["inputs_total"] == 3 and report["conservation_ok"]
+    assert _manifest(out) == [] and not list(out.rglob("*.tar"))
+    assert sorted(r["input_id"] for r in _ledger(out)) == ["corrupted.jpg", "invalid_image01980.jpg",
+                                                          "misc_no_exif.jpg"]

@@ -276,3 +276,13 @@ def test_member_packing_round_trips():
                  ImageInfo("k", "x" * 300, None, 5)):
         assert unpack_member(pack_member(info, True)) == info
         assert unpack_member(pack_member(info, False)) == info._replace(sha256="")
+
+
+def test_beam_transform_without_any_duplicate_keeps_everything():
+    """No edges at all: the plan's combine gives no element and the side input's default {} is the plan."""
+    records = [synthetic("a", 0), synthetic("b", (1 << 64) - 1), Record(key="bare", source="t", input_id="bare")]
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    kept, rejected = pipeline | beam.Create(records) | Dedupe(radius=4)
+    assert_that(kept | beam.Map(lambda r: r.key), equal_to(["a", "b", "bare"]), label="kept")
+    assert_that(rejected, equal_to([]), label="rejected")
+    pipeline.run().wait_until_finish()
