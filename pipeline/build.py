@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
+from apache_beam.transforms.window import GlobalWindows
 
 from pipeline import manifest, outdir, writer
 from pipeline.beam_stage import METRIC_PREFIX, ApplyStage, CountValues, TimedMap, stage_metrics
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 LEDGER_SCHEMA = pa.schema([(name, pa.string()) for name in
                            ("source", "input_id", "key", "stage", "reason", "detail", "part")])
 SOURCE_REJECTED = "rejected"
+LEDGER_FILE = "rejected.parquet"
+LEDGER_PIECES_DIR = "_tmp/ledger"
+LEDGER_PIECE_ROWS = 50_000
 
 
 @dataclass
@@ -87,6 +92,33 @@ class _SourceRecords(beam.DoFn):
 
 def _ledger_row(rejection: Rejection) -> dict:
     return {name: getattr(rejection, name) for name in LEDGER_SCHEMA.names}
+
+
+class _LedgerPieces(beam.DoFn):
+    """Rejections -> parquet pieces of the ledger (one per bundle, or per LEDGER_PIECE_ROWS), merged
+    into rejected.parquet at the end like the manifest: a single-file WriteToParquet grouped every
+    row on one key and took five runner steps."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def start_bundle(self):
+        self.rows = []
+
+    def process(self, rejection: Rejection):
+        self.rows.append(_ledger_row(rejection))
+        if len(self.rows) >= LEDGER_PIECE_ROWS:
+            yield self._flush()
+
+    def finish_bundle(self):
+        if self.rows:
+            yield GlobalWindows.windowed_value(self._flush())
+
+    def _flush(self) -> str:
+        path = outdir.join(self.out, LEDGER_PIECES_DIR, f"{uuid.uuid4().hex}.parquet")
+        manifest.write_rows(path, self.rows, LEDGER_SCHEMA)
+        self.rows = []
+        return path
 
 
 def record_stages(config: BuildConfig):
@@ -151,10 +183,9 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
          | "MergeManifest" >> beam.Map(manifest.merge_pieces, config.out))
     _ = (tuple(rejected)
          | "AllRejected" >> beam.Flatten()
-         | "LedgerRows" >> beam.Map(_ledger_row)
-         | "WriteLedger" >> beam.io.WriteToParquet(
-             outdir.join(config.out, "rejected"), LEDGER_SCHEMA, file_name_suffix=".parquet",
-             num_shards=1, shard_name_template=""))
+         | "LedgerPieces" >> beam.ParDo(_LedgerPieces(config.out))
+         | "AllLedgerPieces" >> beam.combiners.ToList()  # a path per bundle: small
+         | "MergeLedger" >> beam.Map(manifest.merge_files, outdir.join(config.out, LEDGER_FILE), LEDGER_SCHEMA))
     return inputs
 
 

@@ -63,26 +63,32 @@ def manifest_row(record: Record, part: str, shard: str | None = None) -> dict:
 def write_piece(out: str, shard: str, rows: list[dict]) -> str:
     """One shard's rows -> OUT/_tmp/manifest/<shard stem>.parquet; returns its path."""
     stem = shard[: -len(".tar")] if shard.endswith(".tar") else shard
-    path = FileSystems.join(out, PIECES_DIR, f"{stem}.parquet")
-    _write_atomically(path, lambda stream: pq.write_table(
-        pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), stream))
-    return path
+    return write_rows(FileSystems.join(out, PIECES_DIR, f"{stem}.parquet"), rows, MANIFEST_SCHEMA)
 
 
 def merge_pieces(pieces: list[str], out: str) -> str:
-    """Pieces (in any order) -> OUT/manifest.parquet in shard-name order, one row group per piece
-    (a shard's rows: at most ShardLimits.max_samples); holds one piece at a time. An empty list
-    gives an empty manifest with the schema."""
-    path = FileSystems.join(out, MANIFEST_FILE)
+    """Manifest pieces (in any order) -> OUT/manifest.parquet in shard-name order."""
+    return merge_files(pieces, FileSystems.join(out, MANIFEST_FILE), MANIFEST_SCHEMA)
+
+
+def write_rows(path: str, rows: list[dict], schema: pa.Schema) -> str:
+    """Rows -> one parquet file at `path`, written under a temporary name and renamed."""
+    _write_atomically(path, lambda stream: pq.write_table(pa.Table.from_pylist(rows, schema=schema), stream))
+    return path
+
+
+def merge_files(pieces: list[str], path: str, schema: pa.Schema) -> str:
+    """Parquet pieces (in any order) -> one file at `path`, in piece-name order, one row group
+    per piece; holds one piece at a time. No pieces give an empty file with the schema."""
 
     def write(stream):
-        with pq.ParquetWriter(stream, MANIFEST_SCHEMA) as parquet:
+        with pq.ParquetWriter(stream, schema) as parquet:
             for piece in sorted(set(pieces), key=lambda p: p.rsplit("/", 1)[-1]):
                 with FileSystems.open(piece) as source:
-                    table = pq.read_table(pa.BufferReader(source.read()), schema=MANIFEST_SCHEMA)
+                    table = pq.read_table(pa.BufferReader(source.read()), schema=schema)
                 parquet.write_table(table, row_group_size=max(1, table.num_rows))
             if not pieces:
-                parquet.write_table(MANIFEST_SCHEMA.empty_table())
+                parquet.write_table(schema.empty_table())
 
     _write_atomically(path, write)
     return path
