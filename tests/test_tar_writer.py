@@ -114,12 +114,15 @@ BUILD_RUN = """
 import sys
 from pipeline.cli import main
 code = main(['build', '--source', 'table:' + sys.argv[1], '--out', sys.argv[2]])
+# Then a build that reads WebDataset shards (those just written): the wds: source's reader too.
+code += main(['build', '--source', 'wds:' + sys.argv[2] + '/meta/*/*.tar', '--out', sys.argv[2] + '-again'])
 print(code, sorted(m for m in ('torch', 'webdataset') if m in sys.modules), file=sys.stderr)
 """
 
 
 def test_a_build_run_imports_neither_webdataset_nor_torch(tmp_path):
-    """A whole small build (in-process runner), so imports made inside functions count too."""
+    """Whole small builds (in-process runner), so imports made inside functions count too: one
+    from a table, one from the WebDataset shards it wrote."""
     rng = random.Random(7)
     rows = ["image,lat,lon"]
     for i in range(3):
@@ -130,4 +133,5 @@ def test_a_build_run_imports_neither_webdataset_nor_torch(tmp_path):
                           capture_output=True, text=True, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert list((tmp_path / "out").rglob("*.tar")), done.stderr[-3000:]  # the writer ran
+    assert len(list((tmp_path / "out-again").rglob("*.tar"))) >= 1, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == "0 []", done.stderr[-3000:]

@@ -2,10 +2,9 @@
 
 PATTERN is a brace pattern (`/data/{00000..00009}.tar`), a glob (`/data/*.tar`) or both; each
 shard is one unit. Coordinates come from the json (img2dataset's `save_additional_columns`).
-Tar members are grouped into samples by webdataset's own iterators, so keys split exactly as
-every webdataset reader splits them. webdataset is imported only where a shard is read (it imports
-torch when torch is installed): builds from other sources never load it, and a wds: build loads it
-only in the workers that read shards.
+Tar members are grouped into samples as webdataset's own iterators group them
+(pipeline.tar_reader, tested against webdataset), without importing webdataset, which imports
+torch whenever torch is installed.
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from typing import Optional
 import braceexpand
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline import tar_reader
 from pipeline.download import failed_downloads
 from pipeline.record import Record, Reject, make_key
 from pipeline.sources.base import IMAGE_EXTENSIONS, Source, SourceError, relative_to
@@ -31,8 +31,8 @@ _BLOCK = 512
 class _TailTracker:
     """Passes reads through and remembers the last tar block of the file.
 
-    Python's tarfile, in the stream mode webdataset uses, ends quietly when the file stops at (or
-    inside) a member header, so a shard cut short by a killed writer would read as a shorter good
+    Python's tarfile, in the stream mode webdataset and tar_reader use, ends quietly when the file
+    stops at (or inside) a member header, so a shard cut short by a killed writer would read as a shorter good
     shard. Every tar writer ends the archive with zero blocks; a file whose last block is not zero
     was truncated."""
 
@@ -53,7 +53,7 @@ class _TailTracker:
             pass  # tarfile stops at the first end block; what follows it is padding
         return self.size >= _BLOCK and self.tail == bytes(_BLOCK)
 
-    def __repr__(self):  # webdataset appends the stream to its error messages
+    def __repr__(self):  # error messages may name the stream
         return self.name
 
 
@@ -62,13 +62,13 @@ class _Truncated(Exception):
 
 
 def _members(stream, shard: str, errors: list):
-    """webdataset's tar members until the tar breaks; the error is kept so that the sample being
-    grouped still comes out (group_by_keys would otherwise drop it along with the exception)."""
-    from webdataset import tariterators  # lazily: it imports torch (module docstring)
-
+    """The shard's tar members until the tar breaks; the error (naming the shard) is kept so that
+    the sample being grouped still comes out (group_samples would drop it with the exception)."""
     try:
-        yield from tariterators.tar_file_expander([{"url": shard, "stream": stream}])
+        yield from tar_reader.tar_members(stream)
     except Exception as exc:  # noqa: BLE001 - reported by the caller as shard_corrupt
+        if exc.args:
+            exc.args = (f"{exc.args[0]} @ {shard}",) + exc.args[1:]
         errors.append(exc)
 
 
@@ -132,15 +132,13 @@ class WdsSource(Source):
         yield from failed_downloads(self.spec, relative_to(self._root(), shard), shard)
 
     def _tar_records(self, shard):
-        from webdataset import tariterators  # lazily: it imports torch (module docstring)
-
         name = relative_to(self._root(), shard)
         done, held, problem = 0, None, None
         try:
             with open_decompressed(shard) as handle:  # .tar.gz/.tgz shards are gunzipped
                 stream = _TailTracker(handle, shard)
                 errors: list[Exception] = []
-                for sample in tariterators.group_by_keys(_members(stream, shard, errors)):
+                for sample in tar_reader.group_samples(_members(stream, shard, errors)):
                     if held is not None:
                         yield self._sample_record(name, held)
                         done += 1
