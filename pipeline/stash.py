@@ -1,5 +1,5 @@
 """Keep whole records out of the shuffles: after the per-record stages, each record (clean JPEG,
-labels, samples) is written once to OUT/_tmp/records/KEY.pkl and only a thin copy flows on.
+labels, samples) is written once under OUT/_tmp/records/ and only a thin copy flows on.
 
 Dedupe and split wait on side inputs and the writer groups by shard, so a runner materialises the
 elements between those steps (Beam's local runner holds them in memory, a distributed one ships
