@@ -18,7 +18,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.transforms.window import GlobalWindows
 
-from pipeline import manifest, outdir, writer
+from pipeline import manifest, outdir, parquet_pieces, writer
 from pipeline.beam_stage import METRIC_PREFIX, ApplyStage, CountValues, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
@@ -116,7 +116,7 @@ class _LedgerPieces(beam.DoFn):
 
     def _flush(self) -> str:
         path = outdir.join(self.out, LEDGER_PIECES_DIR, f"{uuid.uuid4().hex}.parquet")
-        manifest.write_rows(path, self.rows, LEDGER_SCHEMA)
+        parquet_pieces.write_rows(path, self.rows, LEDGER_SCHEMA)
         self.rows = []
         return path
 
@@ -185,7 +185,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
          | "AllRejected" >> beam.Flatten()
          | "LedgerPieces" >> beam.ParDo(_LedgerPieces(config.out))
          | "AllLedgerPieces" >> beam.combiners.ToList()  # a path per bundle: small
-         | "MergeLedger" >> beam.Map(manifest.merge_files, outdir.join(config.out, LEDGER_FILE), LEDGER_SCHEMA))
+         | "MergeLedger" >> beam.Map(parquet_pieces.merge_files, outdir.join(config.out, LEDGER_FILE), LEDGER_SCHEMA))
     return inputs
 
 
@@ -209,7 +209,7 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     if {"clue", "dialogue"} & set(config.parts):
         from pipeline.llm_parts import check_llm
         check_llm(config)
-    manifest.use_system_allocator()  # the merge, the ledger and the report run in this process
+    parquet_pieces.use_system_allocator()  # the merge, the ledger and the report run in this process
     options = PipelineOptions(beam_args)
     dry_run = options.view_as(TestOptions).dry_run
     if not dry_run:

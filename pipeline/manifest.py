@@ -2,20 +2,19 @@
 
 The writer writes the rows of each shard it finishes to `OUT/_tmp/manifest/<shard>.parquet`
 (under a temporary name, then renamed, like the shard); when every shard is written, one step
-merges the pieces in shard order into manifest.parquet, a piece (row group) at a time. Rows never go through a
-shuffle: a single-file `WriteToParquet` grouped every row of the run on one key and then held
-them all as Python dicts in its row-group buffer (bench/bench_memory.py). A rerun writes the same
+merges the pieces in shard order into manifest.parquet, a piece (row group) at a time
+(pipeline.parquet_pieces). Rows never go through a shuffle: a single-file `WriteToParquet`
+grouped every row of the run on one key and then held them all as Python dicts in its row-group
+buffer (bench/bench_memory.py). A rerun writes the same
 pieces under the same names, so the manifest comes out in the same order every time.
 """
 from __future__ import annotations
 
-import uuid
-
 import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.agreement import manifest_labels
+from pipeline.parquet_pieces import merge_files, write_rows
 from pipeline.record import Record
 
 MANIFEST_FILE = "manifest.parquet"
@@ -33,14 +32,6 @@ MANIFEST_SCHEMA = pa.schema([
     ("label_country", pa.string()), ("label_region", pa.string()), ("label_subregion", pa.string()),
     ("label_city", pa.string()),
 ])
-
-
-def use_system_allocator() -> None:
-    """Arrow's default allocator (mimalloc) keeps what the manifest pieces and their merge freed
-    for reuse that a build never makes: ~40 MiB after merging 20k rows (bench/bench_memory.py).
-    The system allocator hands large blocks back. Called where a process writes parquet."""
-    if pa.default_memory_pool().backend_name != "system":
-        pa.set_memory_pool(pa.system_memory_pool())
 
 
 def manifest_row(record: Record, part: str, shard: str | None = None) -> dict:
@@ -69,42 +60,3 @@ def write_piece(out: str, shard: str, rows: list[dict]) -> str:
 def merge_pieces(pieces: list[str], out: str) -> str:
     """Manifest pieces (in any order) -> OUT/manifest.parquet in shard-name order."""
     return merge_files(pieces, FileSystems.join(out, MANIFEST_FILE), MANIFEST_SCHEMA)
-
-
-def write_rows(path: str, rows: list[dict], schema: pa.Schema) -> str:
-    """Rows -> one parquet file at `path`, written under a temporary name and renamed."""
-    _write_atomically(path, lambda stream: pq.write_table(pa.Table.from_pylist(rows, schema=schema), stream))
-    return path
-
-
-def merge_files(pieces: list[str], path: str, schema: pa.Schema) -> str:
-    """Parquet pieces (in any order) -> one file at `path`, in piece-name order, one row group
-    per piece; holds one piece at a time. No pieces give an empty file with the schema."""
-
-    def write(stream):
-        with pq.ParquetWriter(stream, schema) as parquet:
-            for piece in sorted(set(pieces), key=lambda p: p.rsplit("/", 1)[-1]):
-                with FileSystems.open(piece) as source:
-                    table = pq.read_table(pa.BufferReader(source.read()), schema=schema)
-                parquet.write_table(table, row_group_size=max(1, table.num_rows))
-            if not pieces:
-                parquet.write_table(schema.empty_table())
-
-    _write_atomically(path, write)
-    return path
-
-
-def _write_atomically(path: str, write) -> None:
-    """write(stream) into a temporary name beside `path`, then rename: no reader sees half a file.
-    (FileSystems.create makes a local parent directory; object stores have none to make.)"""
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    try:
-        with FileSystems.create(tmp) as stream:
-            write(stream)
-    except BaseException:
-        if FileSystems.exists(tmp):
-            FileSystems.delete([tmp])
-        raise
-    if FileSystems.exists(path):
-        FileSystems.delete([path])  # a retried bundle rewrites its piece: same rows, same name
-    FileSystems.rename([tmp], [path])

@@ -16,7 +16,7 @@ import fastjsonschema
 import jsonschema
 from apache_beam.metrics import Metrics
 
-from pipeline import manifest, writer
+from pipeline import manifest, parquet_pieces, writer
 from pipeline.data_files import load_json
 from pipeline.record import Record, Reject, Rejection
 from pipeline.stash import load, stash
@@ -51,7 +51,7 @@ class _WriteGroups(beam.DoFn):
         self.out, self.limits, self.fail_after = out, limits, fail_after
 
     def setup(self):
-        manifest.use_system_allocator()
+        parquet_pieces.use_system_allocator()
         self.checker = SampleChecker(load_json(RECORD_SCHEMA))
         self.n_samples = Metrics.counter("mg_geo.write", "samples")
         self.n_shards = Metrics.counter("mg_geo.write", "shards")
