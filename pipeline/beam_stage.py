@@ -123,7 +123,7 @@ class _TimedMapFn(beam.DoFn):
 
 
 class TimedMap(beam.PTransform):
-    """beam.Map(fn, *args) for the build's own steps that are not stages (stash, unstash): an
+    """beam.Map(fn, *args) for the build's own steps that are not stages (unstash): an
     exception fails the job (an I/O fault is not the input's), and the time is counted like a
     stage's, so report.json and the benchmarks see all of our work."""
 
@@ -133,6 +133,12 @@ class TimedMap(beam.PTransform):
 
     def expand(self, elements):
         return elements | "Run" >> beam.ParDo(_TimedMapFn(self.name, self.fn, self.args))
+
+
+def plan_side_input(plan):
+    """A global plan (one dict) as a side input. The combines that make plans run without default
+    values (a runner step fewer each), so an empty input gives no element: the plan is then {}."""
+    return beam.pvalue.AsSingleton(plan, default_value={})
 
 
 class DistinctValues(beam.CombineFn):

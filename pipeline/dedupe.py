@@ -30,7 +30,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from pipeline.beam_stage import METRIC_PREFIX, REJECTED
+from pipeline.beam_stage import METRIC_PREFIX, REJECTED, plan_side_input
 from pipeline.record import Record, Reject, Rejection
 from pipeline.unionfind import UnionFind
 
@@ -329,5 +329,5 @@ class Dedupe(beam.PTransform):
 
     def expand(self, records):
         result = records | "Partition" >> beam.ParDo(
-            _PartitionFn(), beam.pvalue.AsSingleton(self.plan(records), default_value={})).with_outputs(REJECTED, main="kept")
+            _PartitionFn(), plan_side_input(self.plan(records))).with_outputs(REJECTED, main="kept")
         return result.kept, result[REJECTED]

@@ -13,6 +13,7 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from pipeline.beam_stage import plan_side_input
 from pipeline.dedupe import METRICS_NAMESPACE, REJECTED, Dedupe, _PartitionFn
 from pipeline.split import AssignSplit
 
@@ -49,6 +50,6 @@ class DedupeAndSplit(beam.PTransform):
         rejects = self.dedupe.plan(records)
         roots = self.split.plan(records)
         result = records | "Apply" >> beam.ParDo(
-            _DedupeThenSplit(self.split.assign_fn()), beam.pvalue.AsSingleton(rejects, default_value={}),
-            beam.pvalue.AsSingleton(roots, default_value={})).with_outputs(REJECTED, main="kept")
+            _DedupeThenSplit(self.split.assign_fn()), plan_side_input(rejects),
+            plan_side_input(roots)).with_outputs(REJECTED, main="kept")
         return result.kept, result[REJECTED]

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.beam_stage import METRIC_PREFIX, DistinctValues
+from pipeline.beam_stage import METRIC_PREFIX, DistinctValues, plan_side_input
 from pipeline.record import Record
 from pipeline.unionfind import UnionFind
 
@@ -185,4 +185,4 @@ class AssignSplit(beam.PTransform):
         return _AssignFn(self.ratios, self.link_km)
 
     def expand(self, records):
-        return records | "Assign" >> beam.ParDo(self.assign_fn(), beam.pvalue.AsSingleton(self.plan(records), default_value={}))
+        return records | "Assign" >> beam.ParDo(self.assign_fn(), plan_side_input(self.plan(records)))

@@ -30,6 +30,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from pipeline.beam_stage import METRIC_PREFIX
 from pipeline.record import Record
 
 STASH_DIR = "_tmp/records"
@@ -54,7 +55,6 @@ class BundleStash(beam.DoFn):
         self.out, self.name = out, name
 
     def setup(self):
-        from pipeline.beam_stage import METRIC_PREFIX
         self.micros = Metrics.counter(METRIC_PREFIX + self.name, "micros")
         self.n_in = Metrics.counter(METRIC_PREFIX + self.name, "in")
 

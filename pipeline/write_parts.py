@@ -17,6 +17,7 @@ import jsonschema
 from apache_beam.metrics import Metrics
 
 from pipeline import manifest, parquet_pieces, writer
+from pipeline.beam_stage import plan_side_input
 from pipeline.data_files import load_json
 from pipeline.record import Record, Reject, Rejection
 from pipeline.stash import load, stash
@@ -95,15 +96,12 @@ class _WriteGroups(beam.DoFn):
         for key in keys:
             record = load(stash_refs[key], split)
             body = writer.sample_body(record, part)
-            problem = self._schema_problem(body)
+            problem = self.checker.problem(body)
             if problem:
                 rejections.append(Rejection.of(record, "write", Reject("schema_invalid", problem), part))
                 continue
             rows.append(manifest.manifest_row(record, part))
             yield key, record.image_bytes, writer.encode_json(body)
-
-    def _schema_problem(self, body: dict) -> str:
-        return self.checker.problem(body)
 
 
 class SampleChecker:
@@ -180,6 +178,6 @@ class WriteParts(beam.PTransform):
                      | "AllChunks" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
                      | "Number" >> beam.Map(_number))
         result = grouped | "WriteShards" >> beam.ParDo(
-            _WriteGroups(self.out, limits, self.fail_after), beam.pvalue.AsSingleton(numbering, default_value={})
+            _WriteGroups(self.out, limits, self.fail_after), plan_side_input(numbering)
         ).with_outputs(_WriteGroups.REJECTED, _WriteGroups.STATS, main="manifest_pieces")
         return result.manifest_pieces, result[_WriteGroups.REJECTED], result[_WriteGroups.STATS]

@@ -96,8 +96,10 @@ def _ensure_parent(path: str) -> None:
                 raise
 
 
-def write_shard(out: str, path: str, records: list[Record], part: str, fail_after: int | None = None) -> dict:
-    """Write one complete shard of whole records (or thin copies) to `path`; returns its stats."""
+def write_shard(out: str, path: str, records: list[Record], part: str,
+                fail_after: int | None = None) -> dict | None:
+    """Write one complete shard of whole records (or thin copies) to `path`; returns its stats
+    (None, and no shard, for no records)."""
     samples = ((r.key, jpeg_of(r), sample_json(r, part)) for r in records)
     return write_samples(out, path, samples, part, fail_after)
 

@@ -32,9 +32,9 @@ class _TailTracker:
     """Passes reads through and remembers the last tar block of the file.
 
     Python's tarfile, in the stream mode webdataset and tar_reader use, ends quietly when the file
-    stops at (or inside) a member header, so a shard cut short by a killed writer would read as a shorter good
-    shard. Every tar writer ends the archive with zero blocks; a file whose last block is not zero
-    was truncated."""
+    stops at (or inside) a member header, so a shard cut short by a killed writer would read as a
+    shorter good shard. Every tar writer ends the archive with zero blocks; a file whose last block
+    is not zero was truncated."""
 
     def __init__(self, handle, name: str):
         self.handle = handle
