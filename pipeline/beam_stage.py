@@ -1,7 +1,9 @@
 """The one Beam wrapper every stage goes through: counters, timing, progress log, ledger output."""
 from __future__ import annotations
 
+import gc
 import logging
+import sys
 import time
 
 import apache_beam as beam
@@ -13,7 +15,23 @@ from pipeline.stage import Stage, iter_outcomes
 REJECTED = "rejected"
 METRIC_PREFIX = "mg_geo."
 PROGRESS_EVERY_S = 10.0
+SDK_WORKER_MAIN = "apache_beam.runners.worker.sdk_worker_main"
 log = logging.getLogger(__name__)
+
+
+def settle_worker_heap() -> None:
+    """gc.freeze() in a Beam SDK worker process, once a DoFn's heavy state is loaded.
+
+    A worker's heap after setup (Beam itself, our modules, the geocoder's tables) lives until the
+    process ends. Frozen, the collector no longer walks it, and the process no longer spends
+    ~0.4-0.6 s in its final collections when the runner shuts it down (measured: `import
+    apache_beam` alone leaves 0.40 s of interpreter exit, 0.04 s frozen), which the local runner
+    pays once per worker, one worker after the other. Only in a worker process (Dataflow, Flink,
+    Spark and the local multi_processing runner all start `python -m ...sdk_worker_main`): in
+    the driver or a test process, freezing would keep whatever cyclic garbage exists right then."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name == SDK_WORKER_MAIN:
+        gc.freeze()
 
 
 class _StageDoFn(beam.DoFn):
@@ -31,6 +49,7 @@ class _StageDoFn(beam.DoFn):
         self.reason_counters = {}
         self.local = {"in": 0, "out": 0, "rejected": 0}
         self.last_log = time.monotonic()
+        settle_worker_heap()
 
     def process(self, element):
         records = element if self.stage.batch_size else [element]

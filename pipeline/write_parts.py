@@ -17,7 +17,7 @@ import jsonschema
 from apache_beam.metrics import Metrics
 
 from pipeline import manifest, parquet_pieces, writer
-from pipeline.beam_stage import plan_side_input
+from pipeline.beam_stage import plan_side_input, settle_worker_heap
 from pipeline.data_files import load_json
 from pipeline.record import Record, Reject, Rejection
 from pipeline.stash import load, stash
@@ -59,6 +59,7 @@ class _WriteGroups(beam.DoFn):
         self.n_rejected = Metrics.counter("mg_geo.write", "rejected")
         self.n_in = Metrics.counter("mg_geo.write", "in")
         self.micros = Metrics.counter("mg_geo.write", "micros")  # like every stage: work time
+        settle_worker_heap()
 
     def process(self, element, numbering):
         start = time.perf_counter()
