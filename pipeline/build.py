@@ -49,6 +49,7 @@ class BuildConfig:
     out: str
     parts: tuple[str, ...] = ("meta",)
     max_side: int = 768
+    copy_jpeg: bool = True  # JPEGs that need no change keep their own data (pipeline.jpeg_copy)
     max_place_km: float = 50.0
     coast_km: float = 25.0
     dedupe_radius: int = 4
@@ -127,7 +128,7 @@ def record_stages(config: BuildConfig):
         ReadStage(),
         ValidateStage(),
         GeocodeStage(max_place_km=config.max_place_km, coast_km=config.coast_km),
-        ImageStage(max_side=config.max_side),
+        ImageStage(max_side=config.max_side, copy_jpeg=config.copy_jpeg),
     ]
     # Meta needs nothing that dedupe or split decide, so it runs here, before the record is
     # stashed: the thin copies that flow on then never need the whole record back before the writer.

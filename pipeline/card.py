@@ -27,7 +27,8 @@ def render_card(rep: dict) -> str:
         "wrote knowing the true location), **dialogue** (guess, user correction, revision).",
         "## Layout\n"
         "- `{part}/{split}/{part}-{split}-NNNNNN.tar`: WebDataset shards, members `KEY.jpg` (RGB JPEG, longer side "
-        f"<= {cfg['max_side']} px, no metadata) and `KEY.json` (the record, schema `schemas/record.schema.json`).\n"
+        f"<= {cfg['max_side']} px, no metadata; a source JPEG that needed no change keeps its own compressed data, "
+        "`image.jpeg_copied` in the json) and `KEY.json` (the record, schema `schemas/record.schema.json`).\n"
         "- `manifest.parquet`: one row per sample. `rejected.parquet`: every input that did not become a sample, "
         "with stage and reason. `report.json`: all counts.\n"
         "- Load: `webdataset.WebDataset('meta/train/meta-train-{000000..000009}.tar').decode('pil')`.",

@@ -8,7 +8,15 @@ What the stage guarantees for every kept record:
 - colours are in sRGB: an embedded ICC profile is converted to sRGB with ImageCms (littlecms)
   and then dropped; if the profile cannot be used the pixels are kept as they are (no reject);
 - record.image describes it. orig_width/orig_height are the *upright* full-resolution size (as a
-  viewer displays the photo), i.e. stored width/height swapped for orientations 5-8.
+  viewer displays the photo), i.e. stored width/height swapped for orientations 5-8;
+  jpeg_copied says whether the JPEG is the source's own compressed data (see below).
+
+A JPEG that needs no change at all (upright, RGB, longer side <= max_side, no ICC profile, and
+compressed at no more than our quality, judged from its quantisation table) is not decoded and
+encoded again: re-encoding would only add a generation of loss. Its scans are copied byte for
+byte without the metadata segments (pipeline.jpeg_copy), and the copy is decoded (at reduced
+scale: libjpeg still reads every coded byte, so a broken file still fails) for the perceptual
+hash. Any other image, and any JPEG the strict copy does not handle, is re-encoded as before.
 
 Decompression bombs are refused from the header size before any pixel is decoded, with a
 per-stage limit; Pillow's global settings (MAX_IMAGE_PIXELS, LOAD_TRUNCATED_IMAGES) are never
@@ -30,6 +38,7 @@ try:
 except ImportError:  # Pillow built without littlecms: profiles are dropped, pixels kept as is
     ImageCms = None
 
+from pipeline import jpeg_copy
 from pipeline.record import Record, Reject
 from pipeline.stage import Outcome, Stage
 
@@ -45,6 +54,9 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
 _JPEG_FORMATS = ("JPEG", "MPO")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _WHITE = (255, 255, 255)
+# A copied JPEG's estimated quality may exceed ours by this much: the estimate is exact to about
+# one step, and a file made at our own quality must not be re-encoded for a rounding.
+QUALITY_SLACK = 1.0
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -67,15 +79,26 @@ def reject_for_pillow_error(exc: Exception, action: str) -> Reject:
     return Reject("decode_error", text)
 
 
-PHASH_INPUT_SIDE = 128  # phash looks at a 32x32 LANCZOS thumbnail; 4x that is plenty of signal
+PHASH_MIN_SIDE = 64  # phash looks at a 32x32 LANCZOS thumbnail; twice that is plenty of signal
+
+
+def phash_reduction(size: tuple[int, int]) -> int:
+    """The power of two that brings the shorter side into [PHASH_MIN_SIDE, 2 * PHASH_MIN_SIDE)
+    (1 for smaller pictures). A power of two, because libjpeg decodes a copied JPEG at exactly
+    1/2, 1/4 or 1/8 scale: the same reduction whichever way a picture reached the hash."""
+    factor = 1
+    while min(size) // (2 * factor) >= PHASH_MIN_SIDE:
+        factor *= 2
+    return factor
 
 
 def perceptual_hash(pixels: Image.Image) -> str:
-    """imagehash.phash, after a cheap box reduction to ~128 px: LANCZOS from the full picture to
+    """imagehash.phash after a box reduction by phash_reduction: LANCZOS from the full picture to
     32x32 was a quarter of the image stage's time (profiled), and the DCT only keeps the lowest
-    frequencies, which the reduction does not touch."""
-    factor = min(pixels.size) // PHASH_INPUT_SIDE
-    small = pixels.reduce(factor) if factor >= 2 else pixels
+    frequencies, which the reduction does not touch. (On the shared photos and 300 generated ones,
+    a 1/2^k scaled JPEG decode and a full decode reduced by 2^k hash at most 2 bits apart.)"""
+    factor = phash_reduction(pixels.size)
+    small = pixels.reduce(factor) if factor > 1 else pixels
     return str(imagehash.phash(small))
 
 
@@ -83,7 +106,7 @@ class ImageStage(Stage):
     name = "image"
 
     def __init__(self, max_side: int = 768, quality: int = 90,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 32):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 32, copy_jpeg: bool = True):
         if max_side < 1 or min_side < 1 or max_pixels < 1 or not 1 <= quality <= 100:
             raise ValueError("max_side, min_side, max_pixels must be >= 1 and quality in 1..100")
         self.max_side = max_side
@@ -92,6 +115,7 @@ class ImageStage(Stage):
         # that only takes effect if the caller raises the global too.
         self.max_pixels = max_pixels
         self.min_side = min_side
+        self.copy_jpeg = copy_jpeg  # False: every image is decoded and re-encoded
 
     def process(self, record: Record) -> Outcome:
         data = record.image_bytes
@@ -113,6 +137,9 @@ class ImageStage(Stage):
         if min(width, height) < self.min_side:
             return Reject("too_small", f"{width}x{height} has a side under {self.min_side} px")
         if source_format in _JPEG_FORMATS:
+            copied = self._copied_jpeg(record, im, data)
+            if copied is not None:
+                return copied
             self._draft(im)
         try:
             im.load()
@@ -138,6 +165,40 @@ class ImageStage(Stage):
             "sha256": hashlib.sha256(data).hexdigest(),
             "phash": perceptual_hash(pixels),
             "jpeg_bytes": len(jpeg),
+            "jpeg_copied": False,
+        }
+        return record.replace(image_bytes=jpeg, image=facts)
+
+    def _copied_jpeg(self, record: Record, im: Image.Image, data: bytes) -> Record | None:
+        """The record with the source's own JPEG data, metadata stripped, when nothing about the
+        picture has to change; None otherwise (the caller re-encodes)."""
+        if not self.copy_jpeg or im.mode != "RGB" or max(im.size) > self.max_side \
+                or im.info.get("icc_profile") or _orientation(im) != 1:
+            return None
+        quality = jpeg_copy.estimated_quality(getattr(im, "quantization", None))
+        if quality is None or quality > self.quality + QUALITY_SLACK:
+            return None  # finer than ours: re-encoding makes it smaller, which is what quality asks
+        jpeg = jpeg_copy.strip_metadata(data)
+        if jpeg is None:
+            return None
+        try:
+            copy = Image.open(io.BytesIO(jpeg), formats=("JPEG",))
+            factor = phash_reduction(copy.size)
+            if factor > 1:  # DCT-domain scaling: every coded byte is still read and checked
+                copy.draft("RGB", (-(-copy.width // factor), -(-copy.height // factor)))
+            copy.load()
+        except Exception:  # noqa: BLE001 - the re-encoding path decodes again and gives the reason
+            return None
+        if copy.mode != "RGB":
+            return None
+        width, height = im.size
+        facts = {
+            "width": width, "height": height, "orig_width": width, "orig_height": height,
+            "orig_format": im.format, "orientation": 1,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "phash": perceptual_hash(copy),
+            "jpeg_bytes": len(jpeg),
+            "jpeg_copied": True,
         }
         return record.replace(image_bytes=jpeg, image=facts)
 
@@ -151,13 +212,13 @@ class ImageStage(Stage):
     @staticmethod
     def _make_upright(im: Image.Image) -> tuple[Image.Image, int]:
         """The upright image and the EXIF orientation applied (1 = none or unreadable EXIF)."""
+        orientation = _orientation(im)
+        if orientation == 1:
+            return im, 1  # skips exif_transpose's full-size copy for upright photos
         try:
-            orientation = im.getexif().get(0x0112, 1)
-            if orientation not in range(2, 9):
-                return im, 1  # skips exif_transpose's full-size copy for upright photos
             return ImageOps.exif_transpose(im), orientation
         except Exception as exc:  # noqa: BLE001 - unreadable EXIF: the pixels are still usable
-            log.debug("EXIF unreadable, orientation not applied: %s", exc)
+            log.debug("EXIF orientation not applied: %s", exc)
             return im, 1
 
     def _resize(self, im: Image.Image) -> Image.Image:
@@ -168,6 +229,16 @@ class ImageStage(Stage):
         size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
         # reducing_gap: cheap integer reduce() first, LANCZOS for the last factor <= 3.
         return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation 2..8, or 1 (none, out of range, or EXIF unreadable: pixels as stored)."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception as exc:  # noqa: BLE001 - unreadable EXIF: the pixels are still usable
+        log.debug("EXIF unreadable, orientation not applied: %s", exc)
+        return 1
+    return orientation if orientation in range(2, 9) else 1
 
 
 def _to_rgb_base(im: Image.Image) -> Image.Image:

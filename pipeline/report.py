@@ -103,6 +103,7 @@ def build_report(config, metrics: dict) -> dict:
     labelled = first.filter(has_label).to_pylist() if first.num_rows else []
     return {
         "config": {"sources": list(config.sources), "parts": list(config.parts), "max_side": config.max_side,
+                   "copy_jpeg": config.copy_jpeg,
                    "split_ratios": list(config.split_ratios), "split_link_km": config.split_link_km,
                    "dedupe_radius": config.dedupe_radius, "max_place_km": config.max_place_km,
                    "shard_max_samples": config.limits.max_samples, "shard_max_bytes": config.limits.max_bytes},

@@ -54,7 +54,9 @@ def assert_clean_jpeg(data: bytes, max_side: int = 768) -> Image.Image:
     assert jpeg_markers(data) <= DECODING_MARKERS, sorted(hex(m) for m in jpeg_markers(data))
     for needle in (b"Exif\x00\x00", b"ICC_PROFILE", b"http://ns.adobe.com", b"Photoshop 3.0"):
         assert needle not in data
-    assert set(out.info) <= {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi"}
+    # JFIF density, and how a copied progressive JPEG is coded: facts of the format, not of the photo
+    assert set(out.info) <= {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi",
+                             "progressive", "progression"}
     return out
 
 
@@ -150,6 +152,83 @@ def test_output_is_deterministic_and_the_stage_pickles(exif_samples):
     stage = pickle.loads(pickle.dumps(ImageStage(max_side=300)))  # Beam pickles stages
     first, second = stage.process(record(source)), ImageStage(max_side=300).process(record(source))
     assert first.image_bytes == second.image_bytes and first.image == second.image
+
+
+# --- lossless copy of JPEGs that need no change -------------------------------------------------
+
+@pytest.fixture
+def photo_pixels(exif_samples) -> Image.Image:
+    """A real photo's pixels (a synthetic gradient has no stable perceptual hash to compare)."""
+    return Image.open(exif_samples / "gps" / "DSCN0021.jpg").convert("RGB").resize((400, 300))
+
+
+def generated_jpeg(pixels: Image.Image, quality=85, **save) -> bytes:
+    """`pixels` saved with GPS EXIF, a comment and XMP (and an orientation when asked)."""
+    exif = Image.Exif()
+    exif[ExifTags.IFD.GPSInfo] = {1: "N", 2: (43.0, 28.0, 2.81), 3: "E", 4: (11.0, 53.0, 6.45)}
+    if "orientation" in save:
+        exif[ExifTags.Base.Orientation] = save.pop("orientation")
+    return encoded(pixels, "JPEG", quality=quality, exif=exif.tobytes(), comment=b"GPS 43.4674N 11.8851E",
+                   xmp=b"<x:xmpmeta/>", **save)
+
+
+def hamming(a: str, b: str) -> int:
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+@pytest.mark.parametrize("save", [{}, {"progressive": True}])
+def test_jpeg_needing_no_change_is_copied_not_reencoded(photo_pixels, save):
+    source = generated_jpeg(photo_pixels, **save)
+    out = process(source)
+    assert out.image["jpeg_copied"] is True
+    assert_clean_jpeg(out.image_bytes)
+    assert b"43.4674N" not in out.image_bytes
+    assert np.array_equal(decoded(out.image_bytes), decoded(source))  # not one pixel lost
+    reencoded = process(source, copy_jpeg=False)
+    assert reencoded.image["jpeg_copied"] is False
+    assert not np.array_equal(decoded(reencoded.image_bytes), decoded(source))  # what the copy avoids
+    same = ("width", "height", "orig_width", "orig_height", "orig_format", "orientation", "sha256")
+    assert {k: out.image[k] for k in same} == {k: reencoded.image[k] for k in same}
+    assert out.image["jpeg_bytes"] == len(out.image_bytes)
+    # The hash comes from a 1/2-scale decode of the copy: it must agree with the re-encoded twin's,
+    # or a copy and a re-encoded duplicate of it would not be found by dedupe.
+    assert hamming(out.image["phash"], reencoded.image["phash"]) <= 2
+
+
+def test_shared_photos_that_need_no_change_are_copied(exif_samples):
+    # 640x480 camera JPEGs at quality ~83-87, upright, no profile: copied; the others need work.
+    for name, copied in [("DSCN0010.jpg", True), ("DSCN0021.jpg", True), ("DSCN0025.jpg", False)]:
+        source = (exif_samples / "gps" / name).read_bytes()
+        out = process(source)
+        assert out.image["jpeg_copied"] is copied, name
+        assert_clean_jpeg(out.image_bytes)
+        if copied:
+            assert np.array_equal(decoded(out.image_bytes), decoded(source))
+            assert hamming(out.image["phash"], process(source, copy_jpeg=False).image["phash"]) <= 2
+
+
+@pytest.mark.parametrize("why, source, options", [
+    ("rotated by EXIF", lambda px: generated_jpeg(px, orientation=6), {}),
+    ("finer than our quality", lambda px: generated_jpeg(px, quality=97), {}),
+    ("larger than max_side", lambda px: generated_jpeg(px), {"max_side": 320}),
+    ("grayscale", lambda px: generated_jpeg(px.convert("L"), quality=80), {}),
+    ("ICC profile to convert", lambda px: generated_jpeg(
+        px, icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()), {}),
+    ("copy turned off", lambda px: generated_jpeg(px), {"copy_jpeg": False}),
+])
+def test_jpeg_that_needs_a_change_is_reencoded(photo_pixels, why, source, options):
+    out = process(source(photo_pixels), **options)
+    assert out.image["jpeg_copied"] is False, why
+    assert_clean_jpeg(out.image_bytes, max_side=options.get("max_side", 768))
+
+
+def test_a_broken_copy_candidate_gets_the_same_outcome_either_way(photo_pixels):
+    source = generated_jpeg(photo_pixels)
+    for broken in (source[: len(source) // 2], source[: len(source) // 2] + b"\xff\xd9"):
+        copied, reencoded = process(broken), process(broken, copy_jpeg=False)
+        assert type(copied) is type(reencoded)
+        if hasattr(copied, "reason"):
+            assert copied.reason == reencoded.reason == "truncated"
 
 
 # --- colour modes --------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (local or gs://)")
     p.add_argument("--parts", type=_parts, default=("meta",), help="comma list of meta,clue,dialogue (default meta)")
     p.add_argument("--max-side", type=int, default=768, help="longer image side after resizing (default 768)")
+    p.add_argument("--reencode-jpeg", action="store_true",
+                   help="decode and re-encode every JPEG (default: a JPEG that is already upright, RGB, small "
+                        "enough, without a colour profile and at no more than quality 90 keeps its own data, "
+                        "metadata removed, so it loses nothing)")
     p.add_argument("--max-place-km", type=float, default=50.0,
                    help="reject points farther than this from any geocoder place and from land (default 50)")
     p.add_argument("--coast-km", type=float, default=25.0,
@@ -81,6 +85,7 @@ def config_from_args(args):
                       if getattr(args, k, None)}
     return BuildConfig(
         sources=args.source, out=args.out.rstrip("/") or "/", parts=args.parts, max_side=args.max_side,
+        copy_jpeg=not args.reencode_jpeg,
         max_place_km=args.max_place_km, coast_km=args.coast_km, dedupe_radius=args.dedupe_radius,
         split_ratios=args.split_ratios, split_link_km=args.split_link_km,
         limits=writer.ShardLimits(args.shard_max_samples, args.shard_max_bytes),
