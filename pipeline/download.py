@@ -63,9 +63,26 @@ class DownloadOptions:
     threads: int = 32
     timeout_s: float = 10.0
     retries: int = 0
-    samples_per_shard: int = 10_000
+    samples_per_shard: Optional[int] = None  # None: shard_size() from the table's row count
     overwrite: bool = False  # False: img2dataset's incremental mode skips shards already done
     user_agent_token: Optional[str] = "mg-geo"
+
+
+# img2dataset works a shard per task and a wds: build reads a shard per unit, so a table that
+# fits in one shard is fetched by one process and built by one worker. Without a size given, a
+# table is cut into AUTO_SHARDS shards (a few per process of a laptop's download and build, and
+# under img2dataset's 5 tasks per process, after which it spawns a new one), of
+# MIN..MAX_AUTO_SHARD_ROWS rows. It depends on the row count alone, so a rerun resumes the same shards.
+AUTO_SHARDS = 8
+MIN_AUTO_SHARD_ROWS = 100
+MAX_AUTO_SHARD_ROWS = 10_000  # img2dataset's own default
+
+
+def shard_size(n_rows: int, requested: Optional[int] = None) -> int:
+    """Rows per shard: `requested`, or the automatic size described above."""
+    if requested is not None:
+        return requested
+    return max(MIN_AUTO_SHARD_ROWS, min(MAX_AUTO_SHARD_ROWS, math.ceil(n_rows / AUTO_SHARDS)))
 
 
 # --- failures: img2dataset's status/error_message -> ledger reason ------------------------------
@@ -316,7 +333,7 @@ def run_download(spec: str, out: str, options: DownloadOptions = DownloadOptions
     source.check()
     for name, value, low in (("processes", options.processes, 1), ("threads", options.threads, 1),
                              ("retries", options.retries, 0),
-                             ("samples_per_shard", options.samples_per_shard, 1)):
+                             ("samples_per_shard", shard_size(1, options.samples_per_shard), 1)):
         if value < low:
             raise BadArgument(f"{name} must be >= {low}, got {value}")
     if not options.timeout_s > 0:
@@ -328,6 +345,7 @@ def run_download(spec: str, out: str, options: DownloadOptions = DownloadOptions
         n_rows = write_url_list(source, url_list)
         if n_rows == 0:
             raise BadArgument(f"table {source.location} has no rows: nothing to download")
+        per_shard = shard_size(n_rows, options.samples_per_shard)
         columns = [c for c in pq.read_schema(url_list).names if c != URL_COLUMN]
         if options.overwrite:
             remove_previous_shards(out)
@@ -336,11 +354,11 @@ def run_download(spec: str, out: str, options: DownloadOptions = DownloadOptions
             save_additional_columns=columns, output_folder=out, output_format="webdataset",
             processes_count=options.processes, thread_count=options.threads,
             timeout=options.timeout_s, retries=options.retries,
-            number_sample_per_shard=options.samples_per_shard,
+            number_sample_per_shard=per_shard,
             disable_all_reencoding=True,  # the original bytes: see the module docstring
             extract_exif=False,           # our image stage reads EXIF from the bytes themselves
             compute_hash=None,            # our image stage records the source bytes' sha256
             oom_shard_count=OOM_SHARD_COUNT,
             incremental_mode="incremental",  # shards with a _stats.json are done: kept
             user_agent_token=options.user_agent_token)
-    return summarize(out, n_rows, options.samples_per_shard)
+    return summarize(out, n_rows, per_shard)

@@ -23,8 +23,8 @@ from PIL import Image
 
 from http_photo_server import PhotoServer, photo, redirect, status, text_as_jpeg
 from pipeline.cli import main
-from pipeline.download import (failure_reason, remove_previous_shards, sibling_parquet,
-                               write_url_list)
+from pipeline.download import (AUTO_SHARDS, MAX_AUTO_SHARD_ROWS, failure_reason, remove_previous_shards,
+                               shard_size, sibling_parquet, write_url_list)
 from pipeline.sources import parse_source
 
 TUSCANY = (43.4667, 11.8833)
@@ -269,3 +269,32 @@ def test_build_with_download_fetches_url_tables_itself(tmp_path, exif_samples):
     outcome.update({ids[r["input_id"]]: r["reason"] for r in pq.read_table(out / "rejected.parquet").to_pylist()})
     assert outcome == {row_id: want for row_id, (*_, want) in rows.items()}
     assert json.loads((out / "report.json").read_text())["conservation_ok"]
+
+
+def test_shard_size_spreads_a_table_over_several_shards_unless_told():
+    # One shard would mean one downloading process and one building worker.
+    assert shard_size(2004) == 251 and -(-2004 // shard_size(2004)) == AUTO_SHARDS
+    assert shard_size(20_000) == 2500
+    assert shard_size(40) == 100  # tiny tables: one shard, not eight of five rows
+    assert shard_size(10_000_000) == MAX_AUTO_SHARD_ROWS
+    assert shard_size(2004, 50) == 50  # asked for: as asked
+    assert shard_size(2004) == shard_size(2004)  # from the rows alone: a rerun resumes the same shards
+
+
+def test_download_cuts_a_table_into_shards_by_default(tmp_path, exif_samples):
+    """No --samples-per-shard: 240 rows -> 3 shards of 100, 100, 40, each a build unit."""
+    table, dl = tmp_path / "urls.csv", tmp_path / "dl"
+    with PhotoServer({}, {"/gps/": exif_samples / "gps"}) as server:
+        with open(table, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "url", "lat", "lon"])
+            for i in range(240):
+                writer.writerow([f"r{i}", server.url("/gps/DSCN0010.jpg"), "43.4667", "11.8833"])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["download", "--source", f"table:{table}", "--out", str(dl), "--processes", "2",
+                         "--threads", "8", "--timeout", str(TIMEOUT_S)]) == 0
+    printed = out.getvalue()  # img2dataset's progress lines, then our summary, then "next: ..."
+    summary = json.loads(printed[printed.index("\n{\n") + 1:printed.index("\nnext: ")])
+    assert summary["downloaded"] == 240 and summary["wds_pattern"] == f"{dl}/{{00000..00002}}.tar"
+    assert [len(pq.read_table(dl / f"{i:05d}.parquet")) for i in range(3)] == [100, 100, 40]

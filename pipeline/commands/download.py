@@ -22,8 +22,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=at_least(1), default=32, help="threads per process (default 32)")
     p.add_argument("--timeout", type=positive_seconds, default=10.0, help="seconds per request (default 10)")
     p.add_argument("--retries", type=at_least(0), default=0, help="extra tries per URL (default 0)")
-    p.add_argument("--samples-per-shard", type=at_least(1), default=10_000,
-                   help="rows per shard (default 10000)")
+    p.add_argument("--samples-per-shard", type=at_least(1), default=None,
+                   help="rows per shard (default: the table in 8 shards of 100 to 10000 rows, so that "
+                        "several processes download and several workers build)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the shards of an earlier run first (only NNNNN.tar, .parquet, _stats.json; "
                    "default: resume, keeping the shards already finished)")
