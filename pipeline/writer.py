@@ -30,9 +30,15 @@ JSON_OVERHEAD = 4096  # bytes a sample's json and tar headers add, for planning 
 class ShardLimits:
     max_samples: int = 5000
     max_bytes: int = 256 * 1024 * 1024
+    # Readers take whole shards (webdataset splits shards over nodes and DataLoader workers), and
+    # so does the build's writer step: a split of a few thousand samples in one or two shards
+    # leaves most readers idle. A (part, split) gets at least min_shards shards as long as each
+    # still holds min_shard_samples samples.
+    min_shards: int = 8
+    min_shard_samples: int = 250
 
     def __post_init__(self):
-        if self.max_samples < 1 or self.max_bytes < 1:
+        if min(self.max_samples, self.max_bytes, self.min_shards, self.min_shard_samples) < 1:
             raise ValueError("shard limits must be positive")
 
 
@@ -57,8 +63,10 @@ def planned_size(record: Record) -> int:
 
 def bucket_count(n: int, total_bytes: int, limits: ShardLimits) -> int:
     """How many hash buckets a (part, split) gets. Buckets are filled to ~80% of a shard on average
-    so that the random spread of a hash rarely overflows one (an overflow becomes two shards)."""
-    return max(1, -(-n * 5 // (limits.max_samples * 4)), -(-total_bytes * 5 // (limits.max_bytes * 4)))
+    so that the random spread of a hash rarely overflows one (an overflow becomes two shards), and
+    there are at least min_shards of them while each keeps min_shard_samples (ShardLimits)."""
+    by_size = max(1, -(-n * 5 // (limits.max_samples * 4)), -(-total_bytes * 5 // (limits.max_bytes * 4)))
+    return max(by_size, min(limits.min_shards, n // limits.min_shard_samples))
 
 
 def plan_chunks(sizes: list[tuple[str, int]], limits: ShardLimits) -> list[list[str]]:

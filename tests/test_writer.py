@@ -48,6 +48,17 @@ def test_bucket_count_grows_with_data():
     assert writer.bucket_count(1000, 1000, limits) == 13  # ~80 per bucket
 
 
+def test_bucket_count_gives_readers_several_shards_but_none_tiny():
+    limits = writer.ShardLimits()  # 5000 samples a shard, at least 8 shards of >= 250 samples
+    assert writer.bucket_count(18_000, 10**9, limits) == 8  # by size alone: 5
+    assert writer.bucket_count(1_000, 10**8, limits) == 4  # 250 each
+    assert writer.bucket_count(400, 10**8, limits) == 1
+    assert writer.bucket_count(100_000, 10**9, limits) == 25  # large splits: by size
+    assert writer.bucket_count(18_000, 10**9, writer.ShardLimits(min_shards=1)) == 5
+    with pytest.raises(ValueError):
+        writer.ShardLimits(min_shards=0)
+
+
 def test_written_shard_opens_with_plain_webdataset_and_is_deterministic(tmp_path):
     records = [_record(i) for i in range(5)]
     path = writer.shard_path(str(tmp_path), "meta", "train", 0)

@@ -56,6 +56,10 @@ def register(sub) -> None:
                    help="samples per shard at most (default %(default)s)")
     p.add_argument("--shard-max-bytes", type=positive_int, default=writer.ShardLimits.max_bytes,
                    help="bytes per shard at most (default %(default)s)")
+    p.add_argument("--shard-min-count", type=positive_int, default=writer.ShardLimits.min_shards,
+                   help="shards per part and split at least, while each keeps %d samples (default "
+                        "%%(default)s): DataLoader workers and nodes read whole shards"
+                        % writer.ShardLimits.min_shard_samples)
     p.add_argument("--image-column", help="table/wds: image column (auto-detected by default)")
     p.add_argument("--lat-column", help="table/wds: latitude column (auto: lat, latitude)")
     p.add_argument("--lon-column", help="table/wds: longitude column (auto: lon, lng, longitude)")
@@ -88,7 +92,8 @@ def config_from_args(args):
         copy_jpeg=not args.reencode_jpeg,
         max_place_km=args.max_place_km, coast_km=args.coast_km, dedupe_radius=args.dedupe_radius,
         split_ratios=args.split_ratios, split_link_km=args.split_link_km,
-        limits=writer.ShardLimits(args.shard_max_samples, args.shard_max_bytes),
+        limits=writer.ShardLimits(args.shard_max_samples, args.shard_max_bytes,
+                                  min_shards=args.shard_min_count),
         source_options=source_options, lvlm_args=args)
 
 
