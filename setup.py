@@ -68,5 +68,5 @@ setup(
         # Dataflow and gs:// (Beam's GCP IO); the tests validate a Dataflow job graph offline.
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
     },
-    entry_points={"console_scripts": ["mg-geo=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["mg-geo=pipeline.cli:run"]},
 )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import sys
@@ -46,5 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def run() -> None:
+    """The `mg-geo` process: main(), then exit without the interpreter's final garbage collections.
+
+    After a build the heap holds Beam, pyarrow, matplotlib and the geocoder's tables; the
+    collections Python runs at exit walk all of it (0.58 s measured after a 2,000-photo build,
+    longer than some commands). Frozen objects are skipped; nothing is left to flush by then (files
+    are closed, output is written). main() itself stays free of this, for callers in a process
+    that goes on (tests, notebooks)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
