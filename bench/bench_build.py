@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,10 @@ def main() -> int:
         print(f"generated {args.n} sample photos in {time.perf_counter() - t:.1f}s")
     if args.workers > 1:
         beam_args += [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)  # the last run's corpus: deleting it is not this build's work
     start = time.perf_counter()
-    report = run_build(BuildConfig(sources=[f"exif:{photos}"], out=str(work / "out")), beam_args)
+    report = run_build(BuildConfig(sources=[f"exif:{photos}"], out=str(out)), beam_args)
     wall = time.perf_counter() - start
     n_in = report["inputs_total"]
     stages = report["stages"]

@@ -215,6 +215,8 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     dry_run = options.view_as(TestOptions).dry_run
     if not dry_run:
         outdir.prepare(config.out)
+        from pipeline.stats import warm_up_in_background
+        plots_warm = warm_up_in_background()
     with beam.Pipeline(runner=default_runner(beam_args), options=options) as p:
         build_pipeline(p, config, sources)
     if dry_run:
@@ -232,6 +234,7 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
         from pipeline.llm_parts import read_backend_stats
         rep["lvlm"] = read_backend_stats(config.out)
     from pipeline.stats import make_plots
+    plots_warm.join()
     rep["plots"] = make_plots(config.out, rep)
     outdir.write_text(outdir.join(config.out, "report.json"), json.dumps(rep, indent=1, sort_keys=True))
     card.write_card(config, rep)
