@@ -49,9 +49,18 @@ def main() -> int:
         print(f"{name:<10} {secs:7.2f}  {secs / wall:12.1%}  {1000 * secs / max(1, stages[name].get('in', 1)):9.2f}")
     total = sum(stage_s.values())
     print(f"stage work / wall = {total / wall:.2f} (x{args.workers} workers of CPU available)")
+    # The goal's figure: stage work against all the CPU the workers had for the whole build; then
+    # where the rest went (report.json's timing): building the graph, the job, report and plots.
+    timing = report.get("timing", {})
+    job = timing.get("job_s") or wall
+    print(f"stage work share of {args.workers} x wall = {total / (args.workers * wall):.0%}; of "
+          f"{args.workers} x the job alone = {total / (args.workers * job):.0%}  (graph {timing.get('graph_s')}s, "
+          f"job {timing.get('job_s')}s, report+plots {timing.get('report_and_plots_s')}s, "
+          f"other {wall - sum(v for v in timing.values() if v):.2f}s)")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(f"peak RSS of this process: {peak_mib:.0f} MiB (in-process runner: the whole job)")
     print(json.dumps({"records_per_s": round(n_in / wall, 1), "wall_s": round(wall, 1), "peak_rss_mib": round(peak_mib),
+                      "stage_share": round(total / (args.workers * wall), 3), "timing": timing,
                       "stage_s": {k: round(v, 2) for k, v in stage_s.items()}}))
     return 0
 

@@ -217,8 +217,11 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
         outdir.prepare(config.out)
         from pipeline.stats import warm_up_in_background
         plots_warm = warm_up_in_background()
+    started = time.perf_counter()
     with beam.Pipeline(runner=default_runner(beam_args), options=options) as p:
         build_pipeline(p, config, sources)
+        graph_s = time.perf_counter() - started
+    job_s = time.perf_counter() - started - graph_s  # the runner: translation, workers, every step
     if dry_run:
         # The runner translated and checked the job graph without submitting it (Dataflow can do
         # this offline and without credentials); nothing ran, so there is nothing to report.
@@ -236,6 +239,9 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     from pipeline.stats import make_plots
     plots_warm.join()
     rep["plots"] = make_plots(config.out, rep)
+    # Where this build's wall time went (seconds; the stages' own work is in rep["stages"]).
+    rep["timing"] = {"graph_s": round(graph_s, 2), "job_s": round(job_s, 2),
+                     "report_and_plots_s": round(time.perf_counter() - started - graph_s - job_s, 2)}
     outdir.write_text(outdir.join(config.out, "report.json"), json.dumps(rep, indent=1, sort_keys=True))
     card.write_card(config, rep)
     outdir.cleanup_tmp(config.out)
