@@ -1,7 +1,7 @@
 """Benchmark: build the Meta part from N generated sample photos; print records/s and the share of
 wall time each stage's own work takes (measured side by side in one run, so machine noise cancels).
 
-    python bench/bench_build.py [--n 2000] [--workers 1] [BEAM FLAGS]
+    python bench/bench_build.py [--n 2000] [--workers 1] [--baseline N0] [BEAM FLAGS]
 """
 from __future__ import annotations
 
@@ -20,28 +20,47 @@ from pipeline.build import BuildConfig, run_build  # noqa: E402
 from pipeline.sample_images import write_samples  # noqa: E402
 
 
+def photos_for(work: Path, n: int) -> Path:
+    photos = work / f"samples-{n}"
+    if not (photos / "expected.jsonl").exists():
+        t = time.perf_counter()
+        write_samples(str(photos), n, seed=1)
+        print(f"generated {n} sample photos in {time.perf_counter() - t:.1f}s")
+    return photos
+
+
+def build(work: Path, n: int, beam_args: list[str]) -> tuple[float, dict]:
+    """(wall seconds, report) of one build of n generated photos into a fresh directory."""
+    photos = photos_for(work, n)
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)  # the last run's corpus: deleting it is not this build's work
+    start = time.perf_counter()
+    report = run_build(BuildConfig(sources=[f"exif:{photos}"], out=str(out)), beam_args)
+    return time.perf_counter() - start, report
+
+
+def stage_seconds(report: dict) -> dict:
+    return {name: c.get("micros", 0) / 1e6 for name, c in report["stages"].items() if c.get("micros")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--work", default=".bench-out")
     parser.add_argument("--workers", type=int, default=1, help=">1: multi_processing DirectRunner workers")
+    parser.add_argument("--baseline", type=int, default=0, metavar="N0",
+                        help="also build N0 photos first and print the marginal share: the stage work "
+                             "of the N - N0 extra records against the wall time they added (what a "
+                             "build's fixed costs, paid once per run, do not reach)")
     args, beam_args = parser.parse_known_args()
     work = Path(args.work)
-    photos = work / f"samples-{args.n}"
-    if not (photos / "expected.jsonl").exists():
-        t = time.perf_counter()
-        write_samples(str(photos), args.n, seed=1)
-        print(f"generated {args.n} sample photos in {time.perf_counter() - t:.1f}s")
     if args.workers > 1:
         beam_args += [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
-    out = work / "out"
-    shutil.rmtree(out, ignore_errors=True)  # the last run's corpus: deleting it is not this build's work
-    start = time.perf_counter()
-    report = run_build(BuildConfig(sources=[f"exif:{photos}"], out=str(out)), beam_args)
-    wall = time.perf_counter() - start
+    baseline = build(work, args.baseline, beam_args) if args.baseline else None
+    wall, report = build(work, args.n, beam_args)
     n_in = report["inputs_total"]
     stages = report["stages"]
-    stage_s = {name: c.get("micros", 0) / 1e6 for name, c in stages.items() if c.get("micros")}
+    stage_s = stage_seconds(report)
     print(f"inputs {n_in}  samples {report['samples'].get('meta', {}).get('total', 0)}  "
           f"wall {wall:.1f}s  records/s {n_in / wall:.1f}  (workers={args.workers}, cpus={os.cpu_count()})")
     print("stage      seconds  share_of_wall  ms/record")
@@ -57,11 +76,21 @@ def main() -> int:
           f"{args.workers} x the job alone = {total / (args.workers * job):.0%}  (graph {timing.get('graph_s')}s, "
           f"job {timing.get('job_s')}s, report+plots {timing.get('report_and_plots_s')}s, "
           f"other {wall - sum(v for v in timing.values() if v):.2f}s)")
+    result = {"records_per_s": round(n_in / wall, 1), "wall_s": round(wall, 1),
+              "stage_share": round(total / (args.workers * wall), 3), "timing": timing,
+              "stage_s": {k: round(v, 2) for k, v in stage_s.items()}}
+    if baseline:
+        wall0, report0 = baseline
+        total0 = sum(stage_seconds(report0).values())
+        marginal = (total - total0) / (args.workers * (wall - wall0))
+        print(f"marginal: {n_in - report0['inputs_total']} more records added {wall - wall0:.1f}s of wall and "
+              f"{total - total0:.1f}s of stage work: share {marginal:.0%} "
+              f"(N0={report0['inputs_total']}: wall {wall0:.1f}s, stage work {total0:.1f}s)")
+        result["marginal_share"] = round(marginal, 3)
+        result["baseline"] = {"n": report0["inputs_total"], "wall_s": round(wall0, 1), "stage_work_s": round(total0, 2)}
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(f"peak RSS of this process: {peak_mib:.0f} MiB (in-process runner: the whole job)")
-    print(json.dumps({"records_per_s": round(n_in / wall, 1), "wall_s": round(wall, 1), "peak_rss_mib": round(peak_mib),
-                      "stage_share": round(total / (args.workers * wall), 3), "timing": timing,
-                      "stage_s": {k: round(v, 2) for k, v in stage_s.items()}}))
+    print(json.dumps({**result, "peak_rss_mib": round(peak_mib)}))
     return 0
 
 
