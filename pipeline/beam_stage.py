@@ -49,9 +49,13 @@ class _StageDoFn(beam.DoFn):
         self.reason_counters = {}
         self.local = {"in": 0, "out": 0, "rejected": 0}
         self.last_log = time.monotonic()
+        self.side_input = None
         settle_worker_heap()
 
-    def process(self, element):
+    def process(self, element, side_input=None):
+        if side_input is not None and side_input is not self.side_input:
+            self.side_input = side_input  # the same object for every element of a bundle
+            self.stage.use_side_input(side_input)
         records = element if self.stage.batch_size else [element]
         start = time.perf_counter()
         outcomes = list(iter_outcomes(self.stage, records))
@@ -93,17 +97,20 @@ class _StageDoFn(beam.DoFn):
 
 
 class ApplyStage(beam.PTransform):
-    """records -> (kept records, rejections). Batches first when the stage asks for it."""
+    """records -> (kept records, rejections). Batches first when the stage asks for it.
+    side_input (e.g. AsSingleton(plan)): handed to stage.use_side_input before the records."""
 
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Stage, side_input=None):
         super().__init__(label=stage.name)
         self.stage = stage
+        self.side_input = side_input
 
     def expand(self, records):
         if self.stage.batch_size:
             records = records | "Batch" >> beam.BatchElements(
                 min_batch_size=1, max_batch_size=self.stage.batch_size)
-        result = records | "Run" >> beam.ParDo(_StageDoFn(self.stage)).with_outputs(REJECTED, main="kept")
+        side = () if self.side_input is None else (self.side_input,)
+        result = records | "Run" >> beam.ParDo(_StageDoFn(self.stage), *side).with_outputs(REJECTED, main="kept")
         return result.kept, result[REJECTED]
 
 

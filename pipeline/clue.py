@@ -96,6 +96,10 @@ class LvlmPartStage(Stage):
         if self.names is None:
             self.names = country_names()
 
+    def use_side_input(self, keys) -> None:
+        """The keys a count target chose (llm_parts.ApplySelected) once the job knows them all."""
+        self.selection = Selection.of_keys(keys)
+
     def triage(self, records: list) -> tuple[list, list[int]]:
         """(outcomes, indices to work on): records not selected stay unchanged (no sample, no ledger
         row), records unfit for a request get their Reject, the rest are listed."""

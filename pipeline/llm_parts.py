@@ -95,14 +95,11 @@ class ApplySelected(beam.PTransform):
                   | "KeyCountry" >> beam.Map(lambda r: (r.key, (r.location or {}).get("country_code", "")))
                   | "AllKeys" >> beam.combiners.ToList()
                   | "Select" >> beam.Map(lambda pairs: frozenset(select(pairs, target))))
-        parts = records | "Partition" >> beam.FlatMap(_tag_selected, beam.pvalue.AsSingleton(chosen)).with_outputs(
-            "rest", main="selected")
-        kept, rejected = parts.selected | "Run" >> ApplyStage(self.stage)
-        return (kept, parts.rest) | "Rejoin" >> beam.Flatten(), rejected
-
-
-def _tag_selected(record, chosen):
-    yield record if record.key in chosen else beam.pvalue.TaggedOutput("rest", record)
+        # The chosen keys reach the stage as a side input and it passes the others by (as it does
+        # for a fraction). Splitting the records and flattening them back together shipped whole
+        # records through a Flatten, which Beam's local runner with 2 workers was seen to lose
+        # records from (pipeline/build.py, the input count).
+        return records | "Run" >> ApplyStage(self.stage, side_input=beam.pvalue.AsSingleton(chosen))
 
 
 def dump_backend_stats(stats_dir: str, backend) -> None:

@@ -29,6 +29,11 @@ class Stage:
     def teardown(self) -> None:
         """Best effort at worker shutdown (Beam may skip it): flush what setup() opened."""
 
+    def use_side_input(self, value) -> None:
+        """A value the job computed before this stage runs (ApplyStage(..., side_input=...)), handed
+        over before the records that need it. Only stages that ask for one implement this."""
+        raise NotImplementedError(f"stage {self.name} takes no side input")
+
     def process(self, record: Record) -> Outcome:
         raise NotImplementedError
 
