@@ -188,10 +188,14 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     _ = (pieces
          | "AllManifestPieces" >> beam.combiners.ToList()  # one path per shard: small
          | "MergeManifest" >> beam.Map(manifest.merge_pieces, config.out))
-    _ = (tuple(rejected)
-         | "AllRejected" >> beam.Flatten()
-         | "LedgerPieces" >> beam.ParDo(_LedgerPieces(config.out))
-         | "AllLedgerPieces" >> beam.combiners.ToList()  # a path per bundle: small
+    # Each step's rejections become pieces where they are made; only the pieces' paths are joined
+    # (a Flatten of the rows themselves sent every row to the runner, and the local runner was
+    # seen to lose elements from a Flatten, see the input count above).
+    pieces_per_step = [more | f"LedgerPieces{i}" >> beam.ParDo(_LedgerPieces(config.out))
+                       for i, more in enumerate(rejected)]
+    _ = (tuple(pieces_per_step)
+         | "LedgerPiecePaths" >> beam.Flatten()
+         | "AllLedgerPieces" >> beam.combiners.ToList()  # a path per step and bundle: small
          | "MergeLedger" >> beam.Map(parquet_pieces.merge_files, outdir.join(config.out, LEDGER_FILE), LEDGER_SCHEMA))
     return inputs
 

@@ -218,7 +218,7 @@ def test_a_build_where_every_input_is_rejected_still_accounts_for_all(tmp_path, 
 def test_no_flatten_carries_whole_records(tmp_path, exif_samples):
     """Beam's local runner with 2 workers lost whole records from a Flatten of records and
     rejections (a 20k-photo wds: build counted 13,695-19,821 inputs). Inputs are now counted from a
-    tagged output of the source; the one Flatten left joins the stages' small Rejection rows."""
+    tagged output of the source; the one Flatten left joins the paths of the ledger's pieces."""
     import apache_beam as beam
 
     from pipeline.build import build_pipeline
@@ -230,4 +230,4 @@ def test_no_flatten_carries_whole_records(tmp_path, exif_samples):
     build_pipeline(p, config, [parse_source(spec, {}) for spec in config.sources])
     graph = p.to_runner_api().components.transforms
     flattens = [t.unique_name for t in graph.values() if t.spec.urn == "beam:transform:flatten:v1"]
-    assert flattens == ["AllRejected"]
+    assert flattens == ["LedgerPiecePaths"]
