@@ -141,8 +141,10 @@ def main() -> int:
     parser.add_argument("--work", default=".bench-out")
     parser.add_argument("--processes", type=int, default=2, help="img2dataset processes, Beam workers (default 2)")
     parser.add_argument("--threads", type=int, default=16, help="img2dataset threads per process (default 16)")
-    parser.add_argument("--samples-per-shard", type=int, default=250,
-                        help="img2dataset shard size (default 250: img2dataset spreads shards, not rows)")
+    parser.add_argument("--samples-per-shard", type=int, default=None,
+                        help="img2dataset's shard size (default: the photos in 8 shards, as `mg-geo build "
+                             "--download` cuts them; img2dataset spreads shards over its processes, and "
+                             "starts a new process every 5 shards)")
     parser.add_argument("--side", type=int, default=768)
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--profile", action="store_true", help="also cProfile our local-files build")
@@ -155,8 +157,11 @@ def main() -> int:
     results = {}
     with PhotoServer(folders={"/photos/": photos}, max_concurrent=256) as server:
         n, http_table, file_table = write_tables(photos, server.base, vs / "tables")
+        if args.samples_per_shard is None:  # pipeline.download.shard_size (not imported: see the top)
+            args.samples_per_shard = max(100, min(10_000, -(-n // 8)))
         print(f"{n} photos ({args.n} good + bad ones), {args.processes} processes, "
-              f"{args.threads} threads each, {os.cpu_count()} CPUs; each command in a fresh process", flush=True)
+              f"{args.threads} threads each, {os.cpu_count()} CPUs, img2dataset shards of {args.samples_per_shard}; "
+              f"each command in a fresh process", flush=True)
 
         wall, ok = img2dataset_alone(http_table, vs / "a-img2dataset-http", args)
         results["a_img2dataset_http"] = {"wall_s": wall, "ok": ok}
