@@ -225,8 +225,6 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     dry_run = options.view_as(TestOptions).dry_run
     if not dry_run:
         outdir.prepare(config.out)
-        from pipeline.stats import warm_up_in_background
-        plots_warm = warm_up_in_background()
     started = time.perf_counter()
     with beam.Pipeline(runner=default_runner(beam_args), options=options) as p:
         build_pipeline(p, config, sources)
@@ -247,7 +245,6 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
         from pipeline.llm_parts import read_backend_stats
         rep["lvlm"] = read_backend_stats(config.out)
     from pipeline.stats import make_plots
-    plots_warm.join()
     rep["plots"] = make_plots(config.out, rep)
     # Where this build's wall time went (seconds; the stages' own work is in rep["stages"]).
     rep["timing"] = {"graph_s": round(graph_s, 2), "job_s": round(job_s, 2),

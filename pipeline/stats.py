@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
-import threading
 from collections import Counter
 
 import pyarrow.compute as pc
@@ -26,27 +24,6 @@ OTHER_COLOUR = "#7f7f7f"        # a split name outside SPLITS (should not happen
 OUTLINE_TOLERANCE_DEG = 0.1     # 1:10m outlines have ~550k vertices; ~40k draw in a blink
 DPI = 100
 PLOT_NAMES = ("world_map.png", "countries.png", "splits.png", "rejections.png")
-log = logging.getLogger(__name__)
-
-
-def warm_up() -> None:
-    """Import the plotting stack, load the outlines and draw one tiny figure (font cache, text
-    layout), so that make_plots only draws: ~0.3-0.4 s of a 1 s plot step on these machines."""
-    try:
-        country_outlines()
-        fig = _figure(1, 1)
-        fig.add_subplot().set_title("warm-up")
-        fig.savefig(io.BytesIO(), format="png", dpi=DPI)
-    except Exception as exc:  # noqa: BLE001 - make_plots meets the same problem and reports it
-        log.debug("plot warm-up failed: %s", exc)
-
-
-def warm_up_in_background() -> threading.Thread:
-    """warm_up() while the job runs: the driver only waits for the runner then (on Dataflow for the
-    whole job), so the plots after the job cost only their drawing. Join it before make_plots."""
-    thread = threading.Thread(target=warm_up, name="mg-geo-plots-warm-up", daemon=True)
-    thread.start()
-    return thread
 
 
 def _rows(path: str) -> list[dict]:

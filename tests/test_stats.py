@@ -139,18 +139,3 @@ def test_missing_report_exits_2_with_one_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "report.json not found" in err and err.count("\n") == 1
 
-
-def test_warm_up_loads_what_the_plots_need_in_the_background(monkeypatch):
-    stats.country_outlines.cache_clear()
-    drawn = []
-    monkeypatch.setattr(stats, "_figure", lambda w, h, real=stats._figure: drawn.append((w, h)) or real(w, h))
-    thread = stats.warm_up_in_background()
-    thread.join(timeout=60)
-    assert not thread.is_alive() and thread.daemon
-    assert stats.country_outlines.cache_info().currsize == 1  # make_plots finds them loaded
-    assert drawn == [(1, 1)]
-
-
-def test_a_failing_warm_up_is_quiet(monkeypatch):
-    monkeypatch.setattr(stats, "country_outlines", lambda: 1 / 0)
-    stats.warm_up()  # make_plots meets the same problem later and reports it there
