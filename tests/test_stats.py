@@ -138,4 +138,3 @@ def test_missing_report_exits_2_with_one_message(tmp_path, capsys):
     assert _cli_stats(tmp_path / "nothing") == 2
     err = capsys.readouterr().err
     assert "report.json not found" in err and err.count("\n") == 1
-
