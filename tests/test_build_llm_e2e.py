@@ -213,6 +213,23 @@ def test_clean_build_loses_nothing_in_any_part(clean, sources):
     assert not [r for r in ledger(clean["out"]) if r["part"]]
 
 
+def test_two_worker_build_selects_the_same_dialogue_records(clean, sources, api_key_env, tmp_path):
+    """The count target's chosen keys reach the stage in each worker process as a side input (the
+    records are no longer split and flattened back, which Beam's local runner was seen to lose
+    records from): the same records get a dialogue, and every input is accounted for."""
+    out = tmp_path / "mp"
+    with FakeOpenAIServer(SmartResponder(), latency_s=0.01, api_key=SECRET) as server:
+        argv = build_argv(sources, out, server.base_url, "--dialogue-target", str(DIALOGUE_TARGET),
+                          "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+        rc, log, _ = run_cli(argv)
+    assert rc == 0, log[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert_nothing_lost(out, report, sources)
+    chosen = {r["key"] for r in manifest(out) if r["part"] == "dialogue"}
+    assert chosen == {r["key"] for r in manifest(clean["out"]) if r["part"] == "dialogue"}
+    assert len(chosen) == DIALOGUE_TARGET
+
+
 def test_requests_in_flight_stay_within_the_concurrency(clean):
     report = clean["report"]
     peak = clean["first"]["peak_in_flight"]
