@@ -56,11 +56,11 @@ def _kept(marker: int, payload: bytes) -> bool:
 def strip_metadata(data: bytes) -> bytes | None:
     """The JPEG in `data` with only its decoding segments and scans, or None when the file is not
     one this copy handles (not a JPEG, a frame type outside COPYABLE_FRAMES, 12-bit samples, a
-    segment running past the end, no end-of-image marker: truncated)."""
+    segment running past the end, no scan, no end-of-image marker: truncated)."""
     if data[:2] != b"\xff\xd8":
         return None
     out = [b"\xff\xd8"]
-    pos, end, seen_frame = 2, len(data), False
+    pos, end, seen_frame, seen_scan = 2, len(data), False, False
     while True:
         if pos + 2 > end or data[pos] != 0xFF:
             return None
@@ -69,7 +69,7 @@ def strip_metadata(data: bytes) -> bytes | None:
             pos += 1
             continue
         if marker == EOI:
-            return b"".join(out) + b"\xff\xd9" if seen_frame else None
+            return b"".join(out) + b"\xff\xd9" if seen_scan else None
         if marker == SOI or marker in RESTARTS or marker == 0x01 or marker in OTHER_FRAMES:
             return None
         if pos + 4 > end:
@@ -88,6 +88,7 @@ def strip_metadata(data: bytes) -> bytes | None:
         if marker == SOS:
             if not seen_frame:
                 return None
+            seen_scan = True
             scan_end = _scan_end(data, pos)
             if scan_end is None:
                 return None

@@ -121,6 +121,7 @@ def test_what_it_refuses():
     assert strip_metadata(good[:2] + good[sof:]) is not None  # tables missing is the decoder's call
     no_frame = good[:sof] + good[good.index(b"\xff\xda"):]
     assert strip_metadata(no_frame) is None  # a scan before any frame header
+    assert strip_metadata(good[:good.index(b"\xff\xda")] + b"\xff\xd9") is None  # headers, no scan
 
 
 def test_a_bad_segment_length_is_refused():
