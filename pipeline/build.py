@@ -144,8 +144,9 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     by_spec = {s.spec: s for s in sources}
     units = [(s.spec, unit) for s in sources for unit in s.units()]
     read = (p
+            # Create spreads two or more units over the workers with its own reshuffle (a unit can
+            # be a whole table or shard); a Reshuffle of ours after it was a second one.
             | "Units" >> beam.Create(units)
-            | "SpreadUnits" >> beam.Reshuffle()  # a unit can be a whole table or shard: spread them
             | "SourceRecords" >> beam.ParDo(_SourceRecords(by_spec)).with_outputs(
                 SOURCE_REJECTED, SOURCE_INPUTS, main="records"))
     records, rejected = read.records, [read[SOURCE_REJECTED]]
