@@ -333,7 +333,8 @@ def run_download(spec: str, out: str, options: DownloadOptions = DownloadOptions
     source.check()
     for name, value, low in (("processes", options.processes, 1), ("threads", options.threads, 1),
                              ("retries", options.retries, 0),
-                             ("samples_per_shard", shard_size(1, options.samples_per_shard), 1)):
+                             ("samples_per_shard", 1 if options.samples_per_shard is None  # None: automatic
+                              else options.samples_per_shard, 1)):
         if value < low:
             raise BadArgument(f"{name} must be >= {low}, got {value}")
     if not options.timeout_s > 0:

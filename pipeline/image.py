@@ -157,17 +157,8 @@ class ImageStage(Stage):
         pixels.save(out, "JPEG", quality=self.quality)
         jpeg = out.getvalue()
         orig_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-        facts = {
-            "width": pixels.width, "height": pixels.height,
-            "orig_width": orig_size[0], "orig_height": orig_size[1],
-            "orig_format": source_format,
-            "orientation": orientation,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "phash": perceptual_hash(pixels),
-            "jpeg_bytes": len(jpeg),
-            "jpeg_copied": False,
-        }
-        return record.replace(image_bytes=jpeg, image=facts)
+        return _with_jpeg(record, data, jpeg, pixels.size, orig_size, source_format, orientation,
+                          perceptual_hash(pixels), copied=False)
 
     def _copied_jpeg(self, record: Record, im: Image.Image, data: bytes) -> Record | None:
         """The record with the source's own JPEG data, metadata stripped, when nothing about the
@@ -191,16 +182,8 @@ class ImageStage(Stage):
             return None
         if copy.mode != "RGB":
             return None
-        width, height = im.size
-        facts = {
-            "width": width, "height": height, "orig_width": width, "orig_height": height,
-            "orig_format": im.format, "orientation": 1,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "phash": perceptual_hash(copy),
-            "jpeg_bytes": len(jpeg),
-            "jpeg_copied": True,
-        }
-        return record.replace(image_bytes=jpeg, image=facts)
+        return _with_jpeg(record, data, jpeg, im.size, im.size, im.format, 1, perceptual_hash(copy),
+                          copied=True)
 
     def _draft(self, im: Image.Image) -> None:
         # libjpeg can decode at 1/2, 1/4 or 1/8 scale for almost no cost; draft picks the
@@ -229,6 +212,23 @@ class ImageStage(Stage):
         size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
         # reducing_gap: cheap integer reduce() first, LANCZOS for the last factor <= 3.
         return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def _with_jpeg(record: Record, data: bytes, jpeg: bytes, size: tuple[int, int],
+               orig_size: tuple[int, int], source_format: str, orientation: int, phash: str,
+               copied: bool) -> Record:
+    """The record with its output JPEG and the facts record.image holds about it."""
+    facts = {
+        "width": size[0], "height": size[1],
+        "orig_width": orig_size[0], "orig_height": orig_size[1],
+        "orig_format": source_format,
+        "orientation": orientation,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "phash": phash,
+        "jpeg_bytes": len(jpeg),
+        "jpeg_copied": copied,
+    }
+    return record.replace(image_bytes=jpeg, image=facts)
 
 
 def _orientation(im: Image.Image) -> int:
