@@ -300,6 +300,8 @@ def test_a_run_killed_midway_resumes_without_repeating_answered_requests(tmp_pat
         proc.wait(timeout=10)
         assert proc.returncode == -signal.SIGKILL
         answered = {s.prompt for s in server.requests if s.status == 200 and s.finished < killed_at - 0.2}
+        # In flight at the kill (2 at most), or answered in its last 0.2 s and maybe not cached yet.
+        unsettled = {s.prompt for s in server.requests} - answered
         before = server.count
         assert 6 <= len(answered) < n
 
@@ -313,7 +315,7 @@ def test_a_run_killed_midway_resumes_without_repeating_answered_requests(tmp_pat
     assert len(resent) == len(set(resent))           # nothing asked twice in the rerun
     assert not answered & set(resent)                  # nothing already answered asked again
     assert len(resent) == sum(not r.cached for r in results) and 0 < len(resent) < n
-    assert before + len(resent) <= n + 2               # at most the in-flight pair was lost
+    assert before + len(resent) <= n + len(unsettled)  # only unsettled requests were asked twice
     files = [p for p in cache.rglob("*") if p.is_file()]
     final = [p for p in files if p.name.endswith(".json")]
     assert len(final) == n and all(json.loads(p.read_text())["key"] == p.stem for p in final)
