@@ -6,6 +6,7 @@ Flink or Spark by flags alone). `run_build` runs it and writes the report and th
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.transforms.window import GlobalWindows
 
-from pipeline import manifest, outdir, parquet_pieces, writer
+from pipeline import forked_workers, manifest, outdir, parquet_pieces, writer
 from pipeline.beam_stage import METRIC_PREFIX, ApplyStage, CountValues, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
@@ -201,12 +202,19 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     return inputs
 
 
-def default_runner(beam_args: list[str]):
+def runner_given(beam_args: list[str]) -> bool:
+    return any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args)
+
+
+def default_runner(beam_args: list[str], pool: "forked_workers.ForkedWorkers | None" = None):
     """No --runner given: Beam's in-process FnApiRunner, which honours --direct_num_workers and
-    --direct_running_mode. Plain DirectRunner would first try PrismRunner, which downloads a binary
-    at run time: impossible offline and a surprise on a laptop."""
-    if any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args):
+    --direct_running_mode (its multi_processing workers forked from `pool` when there is one).
+    Plain DirectRunner would first try PrismRunner, which downloads a binary at run time:
+    impossible offline and a surprise on a laptop."""
+    if runner_given(beam_args):
         return None
+    if pool is not None:
+        return forked_workers.ForkingFnApiRunner(pool)
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
     return FnApiRunner()
 
@@ -226,10 +234,14 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     dry_run = options.view_as(TestOptions).dry_run
     if not dry_run:
         outdir.prepare(config.out)
-    started = time.perf_counter()
-    with beam.Pipeline(runner=default_runner(beam_args), options=options) as p:
-        build_pipeline(p, config, sources)
-        graph_s = time.perf_counter() - started
+    # Forked now, while this process is single-threaded and every stage's module is imported.
+    forks = 0 if dry_run else forked_workers.pool_size(options, runner_given(beam_args))
+    with contextlib.ExitStack() as workers:
+        pool = workers.enter_context(forked_workers.ForkedWorkers(forks)) if forks else None
+        started = time.perf_counter()
+        with beam.Pipeline(runner=default_runner(beam_args, pool), options=options) as p:
+            build_pipeline(p, config, sources)
+            graph_s = time.perf_counter() - started
     job_s = time.perf_counter() - started - graph_s  # the runner: translation, workers, every step
     if dry_run:
         # The runner translated and checked the job graph without submitting it (Dataflow can do
@@ -249,7 +261,8 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     rep["plots"] = make_plots(config.out, rep)
     # Where this build's wall time went (seconds; the stages' own work is in rep["stages"]).
     rep["timing"] = {"graph_s": round(graph_s, 2), "job_s": round(job_s, 2),
-                     "report_and_plots_s": round(time.perf_counter() - started - graph_s - job_s, 2)}
+                     "report_and_plots_s": round(time.perf_counter() - started - graph_s - job_s, 2),
+                     "forked_workers": pool.started if pool else 0}
     outdir.write_text(outdir.join(config.out, "report.json"), json.dumps(rep, indent=1, sort_keys=True))
     card.write_card(config, rep)
     outdir.cleanup_tmp(config.out)

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import io
 import logging
+import re
 
 import imagehash
 import numpy as np
@@ -64,12 +65,18 @@ def open_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
 
 
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def reject_for_pillow_error(exc: Exception, action: str) -> Reject:
     """One vocabulary for what Pillow raises while opening or decoding untrusted bytes."""
-    text = f"{action}: {type(exc).__name__}: {exc}"
+    # Pillow names the stream it read (<_io.BytesIO object at 0x7f...>): an address that differs
+    # between processes and runs would make the ledger differ too, and says nothing.
+    message = _OBJECT_REPR.sub("the bytes", str(exc))
+    text = f"{action}: {type(exc).__name__}: {message}"
     if isinstance(exc, UnidentifiedImageError):
         return Reject("not_image", f"not an image Pillow can identify (accepted: "
-                                   f"{', '.join(ACCEPTED_FORMATS)}): {exc}")
+                                   f"{', '.join(ACCEPTED_FORMATS)}): {message}")
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return Reject("decompression_bomb", text)
     # Pillow reports a short file as "image file is truncated" (pixel data) or

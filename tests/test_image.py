@@ -318,7 +318,10 @@ def test_unusable_icc_profile_is_dropped_and_pixels_kept():
 # --- rejects -------------------------------------------------------------------------------------
 
 def test_text_named_jpg_is_not_an_image():
-    assert process(b"this is a text file named photo.jpg\n").reason == "not_image"
+    reject = process(b"this is a text file named photo.jpg\n")
+    assert reject.reason == "not_image"
+    # The same in every process and run: no object address from Pillow's message in the ledger.
+    assert "0x" not in reject.detail and reject.detail == process(b"this is a text file named photo.jpg\n").detail
 
 
 def test_missing_bytes():

@@ -1,9 +1,13 @@
-"""Stage setup freezes the garbage collector's view of a worker's heap, in SDK workers only."""
+"""Stage setup freezes the garbage collector's view of a worker's heap, in SDK workers only
+(started afresh or forked from the build's process)."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import apache_beam as beam
@@ -11,7 +15,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.beam_stage import ApplyStage, settle_worker_heap
 from pipeline.build import default_runner
+from pipeline.forked_workers import ForkedWorkers
 from pipeline.stage import Stage
+
+
+HERE = str(Path(__file__).parent)
+ROOT = str(Path(__file__).parents[1])
 
 
 class _Echo(Stage):
@@ -31,14 +40,33 @@ def test_not_frozen_outside_a_worker():
     assert gc.get_freeze_count() == before
 
 
+def frozen_in_worker(out: Path, forked: bool) -> dict:
+    """Runs a 1-worker multi_processing job; what its worker saw after stage setup."""
+    args = ["--direct_num_workers=1", "--direct_running_mode=multi_processing"]
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ForkedWorkers(1)) if forked else None
+        with beam.Pipeline(runner=default_runner(args, pool), options=PipelineOptions(args)) as p:
+            kept, _ = p | beam.Create([1]) | ApplyStage(_Echo())
+            _ = (kept | beam.Map(_frozen_here)
+                 | beam.io.WriteToText(str(out), shard_name_template=""))
+    return {**json.loads(out.read_text()), "forked": pool.started if pool else 0}
+
+
 def test_frozen_in_a_beam_sdk_worker_after_stage_setup(tmp_path, monkeypatch):
     # The worker process unpickles this module's stage and function: it must find the module.
-    here = str(Path(__file__).parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-    args = ["--direct_num_workers=1", "--direct_running_mode=multi_processing"]
-    with beam.Pipeline(runner=default_runner(args), options=PipelineOptions(args)) as p:
-        kept, _ = p | beam.Create([1]) | ApplyStage(_Echo())
-        _ = (kept | beam.Map(_frozen_here)
-             | beam.io.WriteToText(str(tmp_path / "frozen"), shard_name_template=""))
-    seen = json.loads((tmp_path / "frozen").read_text())
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+    seen = frozen_in_worker(tmp_path / "frozen", forked=False)
     assert seen["frozen"] > 10_000  # Beam and our modules, at least
+
+
+def test_frozen_in_a_forked_worker_after_stage_setup(tmp_path):
+    # A process of its own: this one has run Beam (and so gRPC) before, and must not fork.
+    code = ("import json, sys; from pathlib import Path; import test_worker_heap as t; "
+            "print(json.dumps(t.frozen_in_worker(Path(sys.argv[1]), forked=True)))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HERE, ROOT, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "frozen")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["forked"] == 1
+    assert seen["frozen"] > 10_000

@@ -1,0 +1,283 @@
+"""Local multi_processing workers forked from the build's process instead of started afresh.
+
+Beam's local runner starts each `--direct_running_mode=multi_processing` worker as a new
+interpreter (`python -m apache_beam.runners.worker.sdk_worker_main`), which imports Beam, pyarrow,
+Pillow and our stages all over again: 1.9 s of CPU per worker on the 2-core machine, 1.4 s of it
+Beam alone, while the driver process already holds every one of those modules. On Linux the build
+forks its workers instead, once the graph's modules are imported and before the runner starts
+any gRPC server or thread (a fork then copies a single-threaded process with no network state).
+Each forked child waits on a pipe until the runner asks for a worker, then runs the same
+`sdk_worker_main.main` a fresh worker runs, with the same environment variables, and talks to
+the runner over gRPC exactly as a fresh worker does.
+
+Everything else is unchanged: the job graph, the options the workers see, the runner's steps and
+its splitting of work. Where forking is not possible (not Linux, threads already running, the
+pool used up, `MG_GEO_FORK_WORKERS=0`), a worker starts as a fresh interpreter, as in plain Beam.
+Only our own runner (no `--runner` flag, `--direct_running_mode=multi_processing`) is affected;
+Dataflow, Flink and Spark start their workers themselves.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import sys
+import threading
+import traceback
+import uuid
+
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+from apache_beam.portability import python_urns
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.runners.portability.fn_api_runner.worker_handlers import (SubprocessSdkWorkerHandler,
+                                                                            WorkerHandler)
+from apache_beam.transforms import environments
+
+log = logging.getLogger(__name__)
+
+FORKED_PYTHON_URN = "beam:env:mg_geo_forked_python:v1"
+ENV_SWITCH = "MG_GEO_FORK_WORKERS"  # "0": every worker starts as a fresh interpreter
+_POOLS: dict[str, "ForkedWorkers"] = {}  # pool id -> pool, for the runner's worker handlers
+IN_FORKED_WORKER = False  # True in a child once the runner has given it work
+
+
+class _Child:
+    """One forked process waiting on its pipe for a worker's environment."""
+
+    def __init__(self, pid: int, write_fd: int):
+        self.pid = pid
+        self.write_fd = write_fd
+
+    def start(self, env: dict[str, str]) -> None:
+        data = json.dumps(env).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.write_fd, view):]
+        self.close()
+
+    def close(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def wait(self) -> int:
+        """The child's exit status (waits for it); a negative number is the signal that ended it."""
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+
+class ForkedWorkers:
+    """Children forked now, each becoming one SDK worker when the runner starts a worker.
+
+    Use as a context manager around the pipeline's run: on exit the unused children are told to
+    leave and every child is reaped."""
+
+    def __init__(self, count: int):
+        self.id = uuid.uuid4().hex
+        self._free: list[_Child] = []
+        self._lock = threading.Lock()
+        self.started = 0  # children that became workers
+        gc.collect()
+        gc.freeze()  # the children's refcount changes then do not copy the parent's pages for gc
+        try:
+            for _ in range(count):
+                self._free.append(self._fork())
+        finally:
+            gc.unfreeze()
+        _POOLS[self.id] = self
+
+    def _fork(self) -> _Child:
+        read_fd, write_fd = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            os.close(write_fd)
+            for sibling in self._free:  # a sibling's pipe held open here would never reach EOF
+                os.close(sibling.write_fd)
+            _child_main(read_fd)
+        os.close(read_fd)
+        return _Child(pid, write_fd)
+
+    def take(self) -> _Child | None:
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def __enter__(self) -> "ForkedWorkers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        _POOLS.pop(self.id, None)
+        with self._lock:
+            unused, self._free = self._free, []
+        for child in unused:
+            child.close()  # EOF: the child exits without running anything
+            child.wait()
+
+
+def _child_main(read_fd: int) -> None:
+    """A forked child: wait for a worker's environment, run the SDK harness, exit."""
+    global IN_FORKED_WORKER
+    code = 1
+    try:
+        chunks = []
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+        os.close(read_fd)
+        if not chunks:  # the build ended without needing this worker
+            code = 0
+            return
+        os.environ.update(json.loads(b"".join(chunks)))
+        IN_FORKED_WORKER = True
+        from apache_beam.runners.worker import sdk_worker_main
+        sdk_worker_main.main([])
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported, then the exit status says it failed
+        traceback.print_exc()
+    finally:
+        # os._exit: the parent's atexit handlers, buffers and final collections are not ours.
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def worker_environment(handler: SubprocessSdkWorkerHandler) -> dict[str, str]:
+    """The variables Beam's SubprocessSdkWorker gives a fresh worker (less the logging service:
+    a forked worker logs through the handlers it inherited from the build's process)."""
+    from google.protobuf import json_format, text_format
+    from apache_beam.portability.api import endpoints_pb2
+
+    env = {
+        "CONTROL_API_SERVICE_DESCRIPTOR": text_format.MessageToString(
+            endpoints_pb2.ApiServiceDescriptor(url=handler.control_address)),
+        "PIPELINE_OPTIONS": json_format.MessageToJson(handler.provision_info.provision_info.pipeline_options),
+    }
+    if handler.worker_id:
+        env["WORKER_ID"] = handler.worker_id
+    return env
+
+
+@environments.Environment.register_urn(FORKED_PYTHON_URN, bytes)
+class ForkedPythonEnvironment(environments.Environment):
+    """Workers from a ForkedWorkers pool; a fresh `command` when the pool has none left."""
+
+    def __init__(self, pool_id: str, command: str, capabilities=(), artifacts=(), resource_hints=None):
+        super().__init__(capabilities, artifacts, resource_hints)
+        self.pool_id = pool_id
+        self.command = command
+
+    def __eq__(self, other):
+        return super().__eq__(other) and (self.pool_id, self.command) == (other.pool_id, other.command)
+
+    def __hash__(self):
+        return hash((super().__hash__(), self.pool_id, self.command))
+
+    def to_runner_api_parameter(self, context):
+        return FORKED_PYTHON_URN, json.dumps({"pool": self.pool_id, "command": self.command}).encode()
+
+    @staticmethod
+    def from_runner_api_parameter(payload, capabilities, artifacts, resource_hints, context):
+        spec = json.loads(payload)
+        return ForkedPythonEnvironment(spec["pool"], spec["command"], capabilities, artifacts, resource_hints)
+
+
+@WorkerHandler.register_environment(FORKED_PYTHON_URN, bytes)
+class ForkedSdkWorkerHandler(SubprocessSdkWorkerHandler):
+    def __init__(self, payload: bytes, state, provision_info, grpc_server):
+        spec = json.loads(payload)
+        super().__init__(spec["command"].encode(), state, provision_info, grpc_server)
+        self._pool_id = spec["pool"]
+
+    def start_worker(self) -> None:
+        pool = _POOLS.get(self._pool_id)
+        child = pool.take() if pool else None
+        if child is None:
+            super().start_worker()  # a fresh interpreter, as Beam starts one
+            return
+        child.start(worker_environment(self))
+        pool.started += 1
+        self.worker_thread = threading.Thread(name="run_forked_worker", target=_await_worker, args=(child,))
+        self.worker_thread.start()
+
+
+def _await_worker(child: _Child) -> None:
+    code = child.wait()
+    if code:  # as Beam's SubprocessSdkWorker: the runner sees the worker's loss as a failed bundle
+        raise RuntimeError(f"Forked worker {child.pid} exited with status {code}")
+
+
+class ForkingFnApiRunner(FnApiRunner):
+    """FnApiRunner that gives its multi_processing workers a ForkedWorkers pool.
+
+    FnApiRunner.run_pipeline sets `_default_environment` to a SubprocessSDKEnvironment running
+    `sys.executable -m ...sdk_worker_main` when the options ask for multi_processing; the
+    property below swaps exactly that environment for the pool's (same command as fallback), so
+    the options, and what the workers are told, stay Beam's own."""
+
+    def __init__(self, pool: ForkedWorkers):
+        self._pool = pool
+        super().__init__()
+
+    @property
+    def _default_environment(self):
+        return self._mg_geo_environment
+
+    @_default_environment.setter
+    def _default_environment(self, environment):
+        if isinstance(environment, environments.SubprocessSDKEnvironment) \
+                and environment.command_string == fresh_worker_command():
+            environment = ForkedPythonEnvironment(self._pool.id, environment.command_string,
+                                                  capabilities=environment.capabilities(),
+                                                  artifacts=environment.artifacts(),
+                                                  resource_hints=environment.resource_hints())
+        self._mg_geo_environment = environment
+
+
+def fresh_worker_command() -> str:
+    """The command FnApiRunner gives multi_processing workers (Beam 2.x, fn_runner.py)."""
+    return f"{sys.executable} -m apache_beam.runners.worker.sdk_worker_main"
+
+
+def pool_size(options: PipelineOptions, runner_given: bool) -> int:
+    """How many workers to fork for these options; 0 where forking does not apply."""
+    direct = options.view_as(DirectOptions)
+    if runner_given or direct.direct_running_mode != "multi_processing":
+        return 0
+    if os.environ.get(ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux") \
+            or not hasattr(os, "fork"):
+        return 0
+    unsafe = unforkable_threads()
+    if unsafe:
+        log.info("workers start as fresh interpreters: threads running here (%s)", ", ".join(unsafe))
+        return 0
+    return direct.direct_num_workers or os.cpu_count() or 1
+
+
+def unforkable_threads() -> list[str]:
+    """Threads that a fork would leave behind half-way: Python threads (their locks may be held)
+    and gRPC's (its state would be shared with the child), ["unknown"] where /proc cannot tell.
+
+    Native helper threads of numpy's BLAS and Arrow's jemalloc are running in every build
+    process; both libraries re-arm themselves in a forked child (pthread_atfork). gRPC starts
+    threads when a channel or server is first made, so a process that has run a Beam job before
+    (a test session, a notebook) starts its workers afresh."""
+    names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return names or ["unknown"]
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                name = comm.read().strip()
+        except OSError:
+            continue  # the thread has just ended
+        if name.startswith(("grpc", "event_engine")):
+            names.append(name)
+    return names

@@ -1,0 +1,75 @@
+"""Local multi_processing workers forked from the build's process (pipeline.forked_workers).
+
+The end-to-end check (a forked 2-worker build gives the same corpus as the in-process one, and
+so does a build whose workers start afresh) is in test_build_e2e; the heap freeze in a forked
+worker in test_worker_heap."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import forked_workers
+from pipeline.forked_workers import ForkedWorkers, pool_size, unforkable_threads
+
+ROOT = str(Path(__file__).parents[1])
+MULTI = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_unused_children_leave_when_the_pool_closes():
+    pool = ForkedWorkers(2)
+    pids = [child.pid for child in pool._free]
+    assert len(set(pids)) == 2 and all(not _gone(pid) for pid in pids)
+    pool.close()
+    assert all(_gone(pid) for pid in pids)  # exited on EOF and reaped: no zombie either
+    assert pool.id not in forked_workers._POOLS and pool.take() is None
+
+
+def test_a_running_python_thread_rules_forking_out(monkeypatch):
+    monkeypatch.delenv(forked_workers.ENV_SWITCH, raising=False)
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="busy-helper")
+    thread.start()
+    try:
+        assert "busy-helper" in unforkable_threads()
+        assert pool_size(PipelineOptions(MULTI), runner_given=False) == 0
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.mark.parametrize("args, runner_given, switch", [
+    (["--direct_num_workers=2"], False, "1"),                                       # in-process runner
+    (["--direct_num_workers=2", "--direct_running_mode=multi_threading"], False, "1"),
+    (MULTI, True, "1"),                                                             # --runner=... given
+    (MULTI, False, "0"),                                                            # switched off
+])
+def test_only_our_multi_processing_runner_forks(args, runner_given, switch, monkeypatch):
+    monkeypatch.setenv(forked_workers.ENV_SWITCH, switch)
+    assert pool_size(PipelineOptions(args), runner_given) == 0
+
+
+def test_a_fresh_build_process_forks_one_child_per_worker():
+    """What `mg-geo build` sees before its job starts: no Python or gRPC thread, so it forks.
+    (Not checkable in this process, where Beam has run before.)"""
+    code = ("import sys; from apache_beam.options.pipeline_options import PipelineOptions; "
+            "import pipeline.build; from pipeline.forked_workers import pool_size, unforkable_threads; "
+            "print(unforkable_threads(), pool_size(PipelineOptions(sys.argv[1:]), False))")
+    env = {k: v for k, v in os.environ.items() if k != forked_workers.ENV_SWITCH}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", code, *MULTI], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[]", "2"]
