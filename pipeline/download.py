@@ -244,17 +244,22 @@ def _stdout_to_stderr():
 def img2dataset_download(**kwargs) -> None:
     """img2dataset.download with the process-wide settings it needs: no update check
     (albumentations phones home at import otherwise), no wandb, and our SIGINT handler restored
-    (img2dataset installs one that exits the process with status 0)."""
+    (img2dataset installs one that exits the process with status 0), and no tqdm monitor thread."""
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # read at import, inherited by spawned workers
     os.environ.setdefault("WANDB_MODE", "disabled")
     import img2dataset
+    from tqdm import tqdm
 
     previous = signal.getsignal(signal.SIGINT)
+    # No tqdm monitor thread: it outlives the download, and a process with a thread running
+    # cannot fork the build's workers (pipeline.forked_workers) that `build --download` runs next.
+    monitor_interval, tqdm.monitor_interval = tqdm.monitor_interval, 0
     try:
         with _stdout_to_stderr():
             img2dataset.download(enable_wandb=False, distributor="multiprocessing", **kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)
+        tqdm.monitor_interval = monitor_interval
 
 
 _IMG2DATASET_FILE = re.compile(r"^\d+(\.tar|\.parquet|_stats\.json)$")

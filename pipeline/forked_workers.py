@@ -78,13 +78,8 @@ class ForkedWorkers:
         self._free: list[_Child] = []
         self._lock = threading.Lock()
         self.started = 0  # children that became workers
-        gc.collect()
-        gc.freeze()  # the children's refcount changes then do not copy the parent's pages for gc
-        try:
-            for _ in range(count):
-                self._free.append(self._fork())
-        finally:
-            gc.unfreeze()
+        for _ in range(count):
+            self._free.append(self._fork())
         _POOLS[self.id] = self
 
     def _fork(self) -> _Child:
@@ -93,6 +88,9 @@ class ForkedWorkers:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the child: never returns
+            # Its collector leaves the inherited heap alone (freeze only relinks lists): walking
+            # it would write to every object's header and copy the parent's pages for nothing.
+            gc.freeze()
             os.close(write_fd)
             for sibling in self._free:  # a sibling's pipe held open here would never reach EOF
                 os.close(sibling.write_fd)

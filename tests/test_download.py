@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import threading
 import shlex
 import tarfile
 from pathlib import Path
@@ -269,6 +270,15 @@ def test_build_with_download_fetches_url_tables_itself(tmp_path, exif_samples):
     outcome.update({ids[r["input_id"]]: r["reason"] for r in pq.read_table(out / "rejected.parquet").to_pylist()})
     assert outcome == {row_id: want for row_id, (*_, want) in rows.items()}
     assert json.loads((out / "report.json").read_text())["conservation_ok"]
+
+
+def test_download_leaves_no_tqdm_monitor_thread(run):
+    """img2dataset's progress bars would start tqdm's monitor thread, which outlives the download;
+    with a thread running, `build --download` could not fork its workers (pipeline.forked_workers)."""
+    from tqdm import tqdm
+
+    assert tqdm.monitor_interval == 10  # tqdm's own setting, restored
+    assert not [t for t in threading.enumerate() if type(t).__name__ == "TMonitor"]
 
 
 def test_shard_size_spreads_a_table_over_several_shards_unless_told():

@@ -79,7 +79,7 @@ def register(sub) -> None:
     else:
         add_lvlm_arguments(p)
         add_part_arguments(p)
-    p.set_defaults(func=run, accepts_extra=True)
+    p.set_defaults(func=run, accepts_extra=True, preload=("pipeline.build",))
 
 
 def config_from_args(args):

@@ -1,0 +1,29 @@
+"""The `mg-geo` entry point's own behaviour (each command has its own tests)."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from pipeline.cli import imports_without_gc, main
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_imports_pause_the_collector_and_leave_it_as_it_was(enabled):
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with imports_without_gc():
+            assert not gc.isenabled()
+        assert gc.isenabled() == enabled
+        with pytest.raises(ImportError), imports_without_gc():
+            import pipeline.no_such_module  # noqa: F401
+        assert gc.isenabled() == enabled
+    finally:
+        gc.enable()
+
+
+def test_main_leaves_the_collector_on_and_nothing_frozen_by_default(capsys):
+    frozen = gc.get_freeze_count()
+    assert main(["build", "--source", "exif:/nonexistent/photos", "--out", "/tmp/x"]) == 2
+    assert gc.isenabled() and gc.get_freeze_count() == frozen  # main() is also called by tests, notebooks
+    assert "does not exist" in capsys.readouterr().err
