@@ -27,12 +27,16 @@ import threading
 import traceback
 import uuid
 
+import grpc
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
-from apache_beam.portability import python_urns
+from apache_beam.portability.api import beam_fn_api_pb2_grpc, endpoints_pb2
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.runners.portability.fn_api_runner.worker_handlers import (SubprocessSdkWorkerHandler,
                                                                             WorkerHandler)
+from apache_beam.runners.portability.local_job_service import BeamFnLoggingServicer
 from apache_beam.transforms import environments
+from apache_beam.utils import thread_pool_executor
+from google.protobuf import json_format, text_format
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +135,7 @@ def _child_main(read_fd: int) -> None:
             return
         os.environ.update(json.loads(b"".join(chunks)))
         IN_FORKED_WORKER = True
-        from apache_beam.runners.worker import sdk_worker_main
-        sdk_worker_main.main([])
+        run_harness()
         code = 0
     except BaseException:  # noqa: BLE001 - reported, then the exit status says it failed
         traceback.print_exc()
@@ -145,13 +148,23 @@ def _child_main(read_fd: int) -> None:
             os._exit(code)
 
 
-def worker_environment(handler: SubprocessSdkWorkerHandler) -> dict[str, str]:
-    """The variables Beam's SubprocessSdkWorker gives a fresh worker (less the logging service:
-    a forked worker logs through the handlers it inherited from the build's process)."""
-    from google.protobuf import json_format, text_format
-    from apache_beam.portability.api import endpoints_pb2
+def run_harness() -> None:
+    """sdk_worker_main.main, logging as a fresh worker does: the handlers inherited from the build's
+    process are dropped, and the harness sends its records to the runner's logging service (which
+    our handler starts), where the build's process logs them as Beam's own workers' lines."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)  # a fresh interpreter's; the harness sets its own level
+    from apache_beam.runners.worker import sdk_worker_main
+    sdk_worker_main.main([])
 
+
+def worker_environment(handler: SubprocessSdkWorkerHandler, logging_url: str) -> dict[str, str]:
+    """The variables Beam's SubprocessSdkWorker gives a fresh worker."""
     env = {
+        "LOGGING_API_SERVICE_DESCRIPTOR": text_format.MessageToString(
+            endpoints_pb2.ApiServiceDescriptor(url=logging_url)),
         "CONTROL_API_SERVICE_DESCRIPTOR": text_format.MessageToString(
             endpoints_pb2.ApiServiceDescriptor(url=handler.control_address)),
         "PIPELINE_OPTIONS": json_format.MessageToJson(handler.provision_info.provision_info.pipeline_options),
@@ -198,14 +211,29 @@ class ForkedSdkWorkerHandler(SubprocessSdkWorkerHandler):
         if child is None:
             super().start_worker()  # a fresh interpreter, as Beam starts one
             return
-        child.start(worker_environment(self))
+        log_server, log_url = _logging_service()
+        child.start(worker_environment(self, log_url))
         pool.started += 1
-        self.worker_thread = threading.Thread(name="run_forked_worker", target=_await_worker, args=(child,))
+        self.worker_thread = threading.Thread(name="run_forked_worker", target=_await_worker,
+                                              args=(child, log_server))
         self.worker_thread.start()
 
 
-def _await_worker(child: _Child) -> None:
-    code = child.wait()
+def _logging_service():
+    """(server, url): a worker's log records, logged here as Beam's SubprocessSdkWorker does."""
+    server = grpc.server(thread_pool_executor.shared_unbounded_instance(),
+                         options=[("grpc.http2.max_pings_without_data", 0), ("grpc.http2.max_ping_strikes", 0)])
+    beam_fn_api_pb2_grpc.add_BeamFnLoggingServicer_to_server(BeamFnLoggingServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def _await_worker(child: _Child, log_server) -> None:
+    try:
+        code = child.wait()
+    finally:
+        log_server.stop(0)
     if code:  # as Beam's SubprocessSdkWorker: the runner sees the worker's loss as a failed bundle
         raise RuntimeError(f"Forked worker {child.pid} exited with status {code}")
 
