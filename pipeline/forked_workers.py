@@ -278,26 +278,31 @@ def pool_size(options: PipelineOptions, runner_given: bool) -> int:
     if os.environ.get(ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux") \
             or not hasattr(os, "fork"):
         return 0
-    unsafe = unforkable_threads()
-    if unsafe:
-        log.info("workers start as fresh interpreters: threads running here (%s)", ", ".join(unsafe))
+    blockers = fork_blockers()
+    if blockers:
+        log.info("workers start as fresh interpreters: %s", "; ".join(blockers))
         return 0
     return direct.direct_num_workers or os.cpu_count() or 1
 
 
-def unforkable_threads() -> list[str]:
-    """Threads that a fork would leave behind half-way: Python threads (their locks may be held)
-    and gRPC's (its state would be shared with the child), ["unknown"] where /proc cannot tell.
+def fork_blockers() -> list[str]:
+    """Why this process must not fork its workers (empty: it may).
 
-    Native helper threads of numpy's BLAS and Arrow's jemalloc are running in every build
-    process; both libraries re-arm themselves in a forked child (pthread_atfork). gRPC starts
-    threads when a channel or server is first made, so a process that has run a Beam job before
-    (a test session, a notebook) starts its workers afresh."""
-    names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    - Python threads: a lock one of them holds stays held in the child for good.
+    - gRPC's threads: gRPC starts them when a channel or server is first made, and its state
+      would be shared with the child; so a process that has run a Beam job before (a test
+      session, a notebook) starts its workers afresh.
+    - torch: a CUDA context or GNU OpenMP's thread pool does not survive a fork (the LVLM's
+      weights check loads torch in the build's process).
+    Native helper threads of numpy's BLAS and Arrow's jemalloc run in every build process; both
+    libraries re-arm themselves in a forked child (pthread_atfork)."""
+    blockers = [f"thread {t.name!r}" for t in threading.enumerate() if t is not threading.current_thread()]
+    if "torch" in sys.modules:
+        blockers.append("torch is loaded")
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
-        return names or ["unknown"]
+        return blockers + ["/proc/self/task unreadable: threads unknown"]
     for task in tasks:
         try:
             with open(f"/proc/self/task/{task}/comm") as comm:
@@ -305,5 +310,5 @@ def unforkable_threads() -> list[str]:
         except OSError:
             continue  # the thread has just ended
         if name.startswith(("grpc", "event_engine")):
-            names.append(name)
-    return names
+            blockers.append(f"gRPC thread {name!r}")
+    return blockers

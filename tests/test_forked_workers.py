@@ -15,7 +15,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import forked_workers
-from pipeline.forked_workers import ForkedWorkers, pool_size, unforkable_threads
+from pipeline.forked_workers import ForkedWorkers, fork_blockers, pool_size
 
 ROOT = str(Path(__file__).parents[1])
 MULTI = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
@@ -44,7 +44,7 @@ def test_a_running_python_thread_rules_forking_out(monkeypatch):
     thread = threading.Thread(target=stop.wait, name="busy-helper")
     thread.start()
     try:
-        assert "busy-helper" in unforkable_threads()
+        assert "thread 'busy-helper'" in fork_blockers()
         assert pool_size(PipelineOptions(MULTI), runner_given=False) == 0
     finally:
         stop.set()
@@ -66,10 +66,15 @@ def test_a_fresh_build_process_forks_one_child_per_worker():
     """What `mg-geo build` sees before its job starts: no Python or gRPC thread, so it forks.
     (Not checkable in this process, where Beam has run before.)"""
     code = ("import sys; from apache_beam.options.pipeline_options import PipelineOptions; "
-            "import pipeline.build; from pipeline.forked_workers import pool_size, unforkable_threads; "
-            "print(unforkable_threads(), pool_size(PipelineOptions(sys.argv[1:]), False))")
+            "import pipeline.build; from pipeline.forked_workers import pool_size, fork_blockers; "
+            "print(fork_blockers(), pool_size(PipelineOptions(sys.argv[1:]), False))")
     env = {k: v for k, v in os.environ.items() if k != forked_workers.ENV_SWITCH}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", code, *MULTI], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["[]", "2"]
+
+
+def test_a_process_with_torch_loaded_does_not_fork(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", object())
+    assert "torch is loaded" in fork_blockers()
