@@ -235,7 +235,8 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     if not dry_run:
         outdir.prepare(config.out)
     # Forked now, while this process is single-threaded and every stage's module is imported.
-    forks = 0 if dry_run else forked_workers.pool_size(options, runner_given(beam_args))
+    forks = 0 if dry_run else forked_workers.pool_size(
+        options, runner_given(beam_args), workers_use_torch=bool({"clue", "dialogue"} & set(config.parts)))
     with contextlib.ExitStack() as workers:
         pool = workers.enter_context(forked_workers.ForkedWorkers(forks)) if forks else None
         started = time.perf_counter()

@@ -270,7 +270,7 @@ def fresh_worker_command() -> str:
     return f"{sys.executable} -m apache_beam.runners.worker.sdk_worker_main"
 
 
-def pool_size(options: PipelineOptions, runner_given: bool) -> int:
+def pool_size(options: PipelineOptions, runner_given: bool, workers_use_torch: bool = False) -> int:
     """How many workers to fork for these options; 0 where forking does not apply."""
     direct = options.view_as(DirectOptions)
     if runner_given or direct.direct_running_mode != "multi_processing":
@@ -278,27 +278,33 @@ def pool_size(options: PipelineOptions, runner_given: bool) -> int:
     if os.environ.get(ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux") \
             or not hasattr(os, "fork"):
         return 0
-    blockers = fork_blockers()
+    blockers = fork_blockers(workers_use_torch)
     if blockers:
         log.info("workers start as fresh interpreters: %s", "; ".join(blockers))
         return 0
     return direct.direct_num_workers or os.cpu_count() or 1
 
 
-def fork_blockers() -> list[str]:
+def fork_blockers(workers_use_torch: bool = False) -> list[str]:
     """Why this process must not fork its workers (empty: it may).
 
     - Python threads: a lock one of them holds stays held in the child for good.
     - gRPC's threads: gRPC starts them when a channel or server is first made, and its state
       would be shared with the child; so a process that has run a Beam job before (a test
       session, a notebook) starts its workers afresh.
-    - torch: a CUDA context or GNU OpenMP's thread pool does not survive a fork (the LVLM's
-      weights check loads torch in the build's process).
+    - torch, loaded here (img2dataset loads it, so does the LVLM's weights check): a CUDA
+      context does not survive a fork, nor does GNU OpenMP's thread pool for a child that runs
+      torch too (the clue and dialogue parts' in-process model: workers_use_torch).
     Native helper threads of numpy's BLAS and Arrow's jemalloc run in every build process; both
     libraries re-arm themselves in a forked child (pthread_atfork)."""
     blockers = [f"thread {t.name!r}" for t in threading.enumerate() if t is not threading.current_thread()]
-    if "torch" in sys.modules:
-        blockers.append("torch is loaded")
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        cuda = getattr(torch, "cuda", None)
+        if cuda is not None and cuda.is_initialized():
+            blockers.append("CUDA is initialized")
+        elif workers_use_torch:
+            blockers.append("torch is loaded and the workers may run it")
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:

@@ -75,6 +75,17 @@ def test_a_fresh_build_process_forks_one_child_per_worker():
     assert done.stdout.split() == ["[]", "2"]
 
 
-def test_a_process_with_torch_loaded_does_not_fork(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch", object())
-    assert "torch is loaded" in fork_blockers()
+class _Torch:
+    def __init__(self, cuda_initialized: bool):
+        self.cuda = type("cuda", (), {"is_initialized": staticmethod(lambda: cuda_initialized)})
+
+
+@pytest.mark.parametrize("cuda, workers_use_torch, blocked", [
+    (False, False, False),  # img2dataset loaded torch; a Meta build's workers never run it
+    (False, True, True),    # the LVLM's in-process model: GNU OpenMP would not survive the fork
+    (True, False, True),    # a CUDA context never does
+])
+def test_torch_in_this_process_rules_forking_out_when_it_matters(monkeypatch, cuda, workers_use_torch, blocked):
+    monkeypatch.setitem(sys.modules, "torch", _Torch(cuda))
+    blockers = [b for b in fork_blockers(workers_use_torch) if "torch" in b or "CUDA" in b]
+    assert bool(blockers) == blocked
