@@ -87,7 +87,9 @@ def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    # "tight": one layout pass per draw; "constrained" looked the same here and cost ~0.2 s more
+    # per build (its solver, imported and run on every figure).
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="tight")
     FigureCanvasAgg(fig)
     return fig
 
