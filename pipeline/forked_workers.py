@@ -11,8 +11,9 @@ Each forked child waits on a pipe until the runner asks for a worker, then runs 
 the runner over gRPC exactly as a fresh worker does.
 
 Everything else is unchanged: the job graph, the options the workers see, the runner's steps and
-its splitting of work. Where forking is not possible (not Linux, threads already running, the
-pool used up, `MG_GEO_FORK_WORKERS=0`), a worker starts as a fresh interpreter, as in plain Beam.
+its splitting of work. Where forking is not possible (not Linux, threads already running or
+another of fork_blockers(), the pool used up or a child gone, `MG_GEO_FORK_WORKERS=0`), a worker
+starts as a fresh interpreter, as in plain Beam.
 Only our own runner (no `--runner` flag, `--direct_running_mode=multi_processing`) is affected;
 Dataflow, Flink and Spark start their workers themselves.
 """
@@ -54,6 +55,7 @@ class _Child:
         self.write_fd = write_fd
 
     def start(self, env: dict[str, str]) -> None:
+        """Hand the child its environment (OSError, BrokenPipeError: the child is gone)."""
         data = json.dumps(env).encode()
         view = memoryview(data)
         while view:
@@ -212,7 +214,14 @@ class ForkedSdkWorkerHandler(SubprocessSdkWorkerHandler):
             super().start_worker()  # a fresh interpreter, as Beam starts one
             return
         log_server, log_url = _logging_service()
-        child.start(worker_environment(self, log_url))
+        try:
+            child.start(worker_environment(self, log_url))
+        except OSError as exc:  # the child is gone (killed, out of memory): start one afresh
+            log_server.stop(0)
+            log.warning("forked worker %d is gone (%s, exit status %s); starting a fresh one",
+                        child.pid, exc, child.wait())
+            super().start_worker()
+            return
         pool.started += 1
         self.worker_thread = threading.Thread(name="run_forked_worker", target=_await_worker,
                                               args=(child, log_server))

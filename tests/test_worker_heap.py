@@ -6,6 +6,7 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,11 +41,15 @@ def test_not_frozen_outside_a_worker():
     assert gc.get_freeze_count() == before
 
 
-def frozen_in_worker(out: Path, forked: bool) -> dict:
-    """Runs a 1-worker multi_processing job; what its worker saw after stage setup."""
+def frozen_in_worker(out: Path, forked: bool, kill_children: bool = False) -> dict:
+    """Runs a 1-worker multi_processing job; what its worker saw after stage setup.
+    kill_children: the pool's children are killed before the job starts (a fresh worker runs)."""
     args = ["--direct_num_workers=1", "--direct_running_mode=multi_processing"]
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(ForkedWorkers(1)) if forked else None
+        if kill_children:
+            for child in pool._free:
+                os.kill(child.pid, signal.SIGKILL)
         with beam.Pipeline(runner=default_runner(args, pool), options=PipelineOptions(args)) as p:
             kept, _ = p | beam.Create([1]) | ApplyStage(_Echo())
             _ = (kept | beam.Map(_frozen_here)
@@ -70,3 +75,15 @@ def test_frozen_in_a_forked_worker_after_stage_setup(tmp_path):
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["forked"] == 1
     assert seen["frozen"] > 10_000
+
+
+def test_a_forked_child_that_died_is_replaced_by_a_fresh_worker(tmp_path):
+    code = ("import json, sys; from pathlib import Path; import test_worker_heap as t; "
+            "print(json.dumps(t.frozen_in_worker(Path(sys.argv[1]), forked=True, kill_children=True)))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HERE, ROOT, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "frozen")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["forked"] == 0 and seen["frozen"] > 10_000  # the job ran, on a fresh interpreter
+    assert "is gone" in done.stderr
