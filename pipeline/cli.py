@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib
 import logging
 import sys
 
 from pipeline.commands import COMMANDS
+from pipeline.gc_pause import gc_paused
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -30,20 +30,6 @@ class _DropBeamGcpNotice(logging.Filter):
         return not record.getMessage().startswith("apitools not found")
 
 
-@contextlib.contextmanager
-def imports_without_gc():
-    """Importing Beam and our stages makes ~1M objects that live as long as the process; the
-    collections their allocation triggers find no garbage and cost 0.3-0.4 s of the ~1.9 s the
-    imports take (measured, 2-core VM)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def main(argv: list[str] | None = None, freeze_imports: bool = False) -> int:
     """`mg-geo ARGS`; freeze_imports: gc.freeze() once the imports are done, so that no later
     collection walks them again (only in a process that ends with the command: see run())."""
@@ -52,7 +38,7 @@ def main(argv: list[str] | None = None, freeze_imports: bool = False) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropBeamGcpNotice())
     logging.getLogger("apache_beam").setLevel(logging.WARNING)  # its INFO is runner chatter; -v shows it
-    with imports_without_gc():
+    with gc_paused():  # pipeline.gc_pause: the imports are ~1M objects that live on
         parser = make_parser()
         # Only `build` passes unknown flags on (to Beam's PipelineOptions); elsewhere they are errors.
         args, extra = parser.parse_known_args(argv)

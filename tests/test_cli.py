@@ -5,17 +5,18 @@ import gc
 
 import pytest
 
-from pipeline.cli import imports_without_gc, main
+from pipeline.cli import main
+from pipeline.gc_pause import gc_paused
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_imports_pause_the_collector_and_leave_it_as_it_was(enabled):
+def test_gc_paused_leaves_the_collector_as_it_was(enabled):
     (gc.enable if enabled else gc.disable)()
     try:
-        with imports_without_gc():
+        with gc_paused():
             assert not gc.isenabled()
         assert gc.isenabled() == enabled
-        with pytest.raises(ImportError), imports_without_gc():
+        with pytest.raises(ImportError), gc_paused():
             import pipeline.no_such_module  # noqa: F401
         assert gc.isenabled() == enabled
     finally:

@@ -64,26 +64,25 @@ def test_frozen_in_a_beam_sdk_worker_after_stage_setup(tmp_path, monkeypatch):
     assert seen["frozen"] > 10_000  # Beam and our modules, at least
 
 
-def test_frozen_in_a_forked_worker_after_stage_setup(tmp_path):
-    # A process of its own: this one has run Beam (and so gRPC) before, and must not fork.
+def _in_a_fresh_process(out: Path, **kwargs) -> tuple[dict, str]:
+    """frozen_in_worker in a process of its own (this one has run Beam, and so gRPC, before: it
+    must not fork); (what the worker saw, the process's stderr)."""
     code = ("import json, sys; from pathlib import Path; import test_worker_heap as t; "
-            "print(json.dumps(t.frozen_in_worker(Path(sys.argv[1]), forked=True)))")
+            f"print(json.dumps(t.frozen_in_worker(Path(sys.argv[1]), **{kwargs!r})))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HERE, ROOT, os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "frozen")], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_frozen_in_a_forked_worker_after_stage_setup(tmp_path):
+    seen, _ = _in_a_fresh_process(tmp_path / "frozen", forked=True)
     assert seen["forked"] == 1
     assert seen["frozen"] > 10_000
 
 
 def test_a_forked_child_that_died_is_replaced_by_a_fresh_worker(tmp_path):
-    code = ("import json, sys; from pathlib import Path; import test_worker_heap as t; "
-            "print(json.dumps(t.frozen_in_worker(Path(sys.argv[1]), forked=True, kill_children=True)))")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HERE, ROOT, os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "frozen")], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen, stderr = _in_a_fresh_process(tmp_path / "frozen", forked=True, kill_children=True)
     assert seen["forked"] == 0 and seen["frozen"] > 10_000  # the job ran, on a fresh interpreter
-    assert "is gone" in done.stderr
+    assert "is gone" in stderr

@@ -21,7 +21,6 @@ read-only folder, a bad file) the caller builds from the source as if there were
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import importlib.metadata
 import json
@@ -182,16 +181,3 @@ def load_or_build(path: Optional[Path], build: Callable[[], T],
             note(("write", str(path.parent)), "geo cache not written to %s (%r): building each time",
                  path.parent, e)
     return value
-
-
-@contextlib.contextmanager
-def no_gc():
-    """Pause the cyclic GC while creating ~10^5 small objects that hold no cycles: otherwise the
-    collector runs hundreds of times over them and costs more than the objects themselves."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
