@@ -15,29 +15,9 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.beam_stage import ApplyStage
 from pipeline.errors import BadArgument
-from pipeline.selection import Selection, parse_target, select
+from pipeline.selection import Selection, select
 
 STATS_DIR = "_work/lvlm"
-
-
-def _target(text: str):
-    try:
-        return parse_target(text)
-    except ValueError as exc:
-        import argparse
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_part_arguments(parser) -> None:
-    g = parser.add_argument_group("Clue and Dialogue parts")
-    g.add_argument("--clue-target", type=_target, default=1.0,
-                   help="records that get a clue sample: a fraction (0.015, 1.5%%) or a count (70000, "
-                        "balanced across countries); default every record")
-    g.add_argument("--dialogue-target", type=_target, default=1.0,
-                   help="the same for dialogue samples (GaGA: ~73K dialogues next to ~70K clues)")
-    g.add_argument("--dialogue-max-rounds", type=int, default=2, help="correction rounds per dialogue (default 2)")
-    g.add_argument("--lvlm-batch-size", type=int, default=64,
-                   help="records per stage call; the backend keeps --lvlm-concurrency requests in flight")
 
 
 def lvlm_options(config):

@@ -19,27 +19,12 @@ from typing import Iterable
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.record import SAFE_KEY, Record
+from pipeline.shard_limits import ShardLimits  # noqa: F401 - writer.ShardLimits, as before
 from pipeline.stash import jpeg_of
 from pipeline.tar_writer import ShardTarWriter
 
 SPLITS = ("train", "val", "test")
 JSON_OVERHEAD = 4096  # bytes a sample's json and tar headers add, for planning before encoding
-
-
-@dataclass(frozen=True)
-class ShardLimits:
-    max_samples: int = 5000
-    max_bytes: int = 256 * 1024 * 1024
-    # Readers take whole shards (webdataset splits shards over nodes and DataLoader workers), and
-    # so does the build's writer step: a split of a few thousand samples in one or two shards
-    # leaves most readers idle. A (part, split) gets at least min_shards shards as long as each
-    # still holds min_shard_samples samples.
-    min_shards: int = 8
-    min_shard_samples: int = 250
-
-    def __post_init__(self):
-        if min(self.max_samples, self.max_bytes, self.min_shards, self.min_shard_samples) < 1:
-            raise ValueError("shard limits must be positive")
 
 
 def sample_body(record: Record, part: str) -> dict:

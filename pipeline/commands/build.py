@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from pipeline import writer
+from pipeline.shard_limits import ShardLimits
 from pipeline.record import PARTS
 from pipeline.commands.argtypes import positive_int
 
@@ -52,14 +52,14 @@ def register(sub) -> None:
     p.add_argument("--split-ratios", type=_ratios, default=(0.90, 0.05, 0.05), help="train,val,test (default 0.9,0.05,0.05)")
     p.add_argument("--split-link-km", type=float, default=1.0,
                    help="photos closer than this always share a split (default 1 km)")
-    p.add_argument("--shard-max-samples", type=positive_int, default=writer.ShardLimits.max_samples,
+    p.add_argument("--shard-max-samples", type=positive_int, default=ShardLimits.max_samples,
                    help="samples per shard at most (default %(default)s)")
-    p.add_argument("--shard-max-bytes", type=positive_int, default=writer.ShardLimits.max_bytes,
+    p.add_argument("--shard-max-bytes", type=positive_int, default=ShardLimits.max_bytes,
                    help="bytes per shard at most (default %(default)s)")
-    p.add_argument("--shard-min-count", type=positive_int, default=writer.ShardLimits.min_shards,
+    p.add_argument("--shard-min-count", type=positive_int, default=ShardLimits.min_shards,
                    help="shards per part and split at least, while each keeps %d samples (default "
                         "%%(default)s): DataLoader workers and nodes read whole shards"
-                        % writer.ShardLimits.min_shard_samples)
+                        % ShardLimits.min_shard_samples)
     p.add_argument("--image-column", help="table/wds: image column (auto-detected by default)")
     p.add_argument("--lat-column", help="table/wds: latitude column (auto: lat, latitude)")
     p.add_argument("--lon-column", help="table/wds: longitude column (auto: lon, lng, longitude)")
@@ -73,7 +73,7 @@ def register(sub) -> None:
     g.add_argument("--download-timeout", type=float, default=10.0, help="seconds per request (default 10)")
     try:
         from pipeline.lvlm.options import add_lvlm_arguments
-        from pipeline.llm_parts import add_part_arguments
+        from pipeline.commands.part_arguments import add_part_arguments
     except ImportError:  # the LVLM stack is optional for a meta-only build
         pass
     else:
@@ -92,7 +92,7 @@ def config_from_args(args):
         copy_jpeg=not args.reencode_jpeg,
         max_place_km=args.max_place_km, coast_km=args.coast_km, dedupe_radius=args.dedupe_radius,
         split_ratios=args.split_ratios, split_link_km=args.split_link_km,
-        limits=writer.ShardLimits(args.shard_max_samples, args.shard_max_bytes,
+        limits=ShardLimits(args.shard_max_samples, args.shard_max_bytes,
                                   min_shards=args.shard_min_count),
         source_options=source_options, lvlm_args=args)
 
