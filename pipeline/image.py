@@ -103,7 +103,9 @@ def perceptual_hash(pixels: Image.Image) -> str:
     """imagehash.phash after a box reduction by phash_reduction: LANCZOS from the full picture to
     32x32 was a quarter of the image stage's time (profiled), and the DCT only keeps the lowest
     frequencies, which the reduction does not touch. (On the shared photos and 300 generated ones,
-    a 1/2^k scaled JPEG decode and a full decode reduced by 2^k hash at most 2 bits apart.)"""
+    a 1/2^k scaled JPEG decode and a full decode reduced by 2^k hash at most 2 bits apart; on 800
+    generated photos, a 1/2^k luma-only decode and a full RGB decode reduced by 2^k: 89% equal,
+    the rest 2 bits apart.)"""
     factor = phash_reduction(pixels.size)
     small = pixels.reduce(factor) if factor > 1 else pixels
     return str(imagehash.phash(small))
@@ -182,12 +184,14 @@ class ImageStage(Stage):
         try:
             copy = Image.open(io.BytesIO(jpeg), formats=("JPEG",))
             factor = phash_reduction(copy.size)
-            if factor > 1:  # DCT-domain scaling: every coded byte is still read and checked
-                copy.draft("RGB", (-(-copy.width // factor), -(-copy.height // factor)))
+            # DCT-domain scaling to 1/factor, and only the luma plane (phash converts to L
+            # anyway): every coded byte is still read and checked, but no chroma is upsampled
+            # or converted. 0.82-0.88 -> 0.66-0.69 ms a decode, phash 0.20 -> 0.15 ms.
+            copy.draft("L", (-(-copy.width // factor), -(-copy.height // factor)))
             copy.load()
         except Exception:  # noqa: BLE001 - the re-encoding path decodes again and gives the reason
             return None
-        if copy.mode != "RGB":
+        if copy.mode != "L":
             return None
         return _with_jpeg(record, data, jpeg, im.size, im.size, im.format, 1, perceptual_hash(copy),
                           copied=True)

@@ -190,7 +190,8 @@ def test_jpeg_needing_no_change_is_copied_not_reencoded(photo_pixels, save):
     same = ("width", "height", "orig_width", "orig_height", "orig_format", "orientation", "sha256")
     assert {k: out.image[k] for k in same} == {k: reencoded.image[k] for k in same}
     assert out.image["jpeg_bytes"] == len(out.image_bytes)
-    # The hash comes from a 1/2-scale decode of the copy: it must agree with the re-encoded twin's,
+    # The hash comes from a 1/2-scale luma-only decode of the copy: it must agree with the
+    # re-encoded twin's (a full RGB decode),
     # or a copy and a re-encoded duplicate of it would not be found by dedupe.
     assert hamming(out.image["phash"], reencoded.image["phash"]) <= 2
 
