@@ -21,7 +21,6 @@ and prints where the time goes.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import os

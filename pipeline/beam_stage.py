@@ -27,9 +27,9 @@ def settle_worker_heap() -> None:
     ~0.4-0.6 s in its final collections when the runner shuts it down (measured: `import
     apache_beam` alone leaves 0.40 s of interpreter exit, 0.04 s frozen), which the local runner
     pays once per worker, one worker after the other. Only in a worker process (Dataflow, Flink,
-    Spark and the local multi_processing runner all start `python -m ...sdk_worker_main`, or
-    the build forks it: pipeline.forked_workers): in
-    the driver or a test process, freezing would keep whatever cyclic garbage exists right then."""
+    Spark and the local multi_processing runner start `python -m ...sdk_worker_main`; the build
+    forks its own: pipeline.forked_workers): in the driver or a test process, freezing would keep
+    whatever cyclic garbage exists right then."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     forked = sys.modules.get("pipeline.forked_workers")
     if (spec is not None and spec.name == SDK_WORKER_MAIN) or getattr(forked, "IN_FORKED_WORKER", False):

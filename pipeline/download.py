@@ -336,10 +336,10 @@ def run_download(spec: str, out: str, options: DownloadOptions = DownloadOptions
         raise BadArgument(f"download takes a table:FILE source (a csv/tsv/parquet/jsonl list of "
                           f"URLs with lat/lon), got {spec!r}")
     source.check()
-    for name, value, low in (("processes", options.processes, 1), ("threads", options.threads, 1),
-                             ("retries", options.retries, 0),
-                             ("samples_per_shard", 1 if options.samples_per_shard is None  # None: automatic
-                              else options.samples_per_shard, 1)):
+    checks = [("processes", options.processes, 1), ("threads", options.threads, 1), ("retries", options.retries, 0)]
+    if options.samples_per_shard is not None:  # None: automatic (shard_size)
+        checks.append(("samples_per_shard", options.samples_per_shard, 1))
+    for name, value, low in checks:
         if value < low:
             raise BadArgument(f"{name} must be >= {low}, got {value}")
     if not options.timeout_s > 0:

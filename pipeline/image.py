@@ -15,8 +15,8 @@ A JPEG that needs no change at all (upright, RGB, longer side <= max_side, no IC
 compressed at no more than our quality, judged from its quantisation table) is not decoded and
 encoded again: re-encoding would only add a generation of loss. Its scans are copied byte for
 byte without the metadata segments (pipeline.jpeg_copy), and the copy is decoded (at reduced
-scale: libjpeg still reads every coded byte, so a broken file still fails) for the perceptual
-hash. Any other image, and any JPEG the strict copy does not handle, is re-encoded as before.
+scale and luma only: libjpeg still reads every coded byte, so a broken file still fails) for the
+perceptual hash. Any other image, and any JPEG the strict copy does not handle, is re-encoded as before.
 
 Decompression bombs are refused from the header size before any pixel is decoded, with a
 per-stage limit; Pillow's global settings (MAX_IMAGE_PIXELS, LOAD_TRUNCATED_IMAGES) are never

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
 from typing import Iterable
 
 from apache_beam.io.filesystems import FileSystems

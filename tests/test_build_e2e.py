@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -24,9 +21,8 @@ from pipeline.build import BuildConfig, run_build
 from pipeline.cli import main
 from pipeline.data_files import load_json
 from pipeline.writer import ShardLimits
+from fresh_process import child_env, run_mg_geo
 from made_inputs import make_inputs
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(inputs, out: Path, **kw) -> BuildConfig:
@@ -177,11 +173,7 @@ def test_multi_process_runner_gives_the_same_corpus(built, tmp_path, fork, forke
     for source in inputs["sources"]:
         argv += ["--source", source]
     argv += ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    env = dict(os.environ, MG_GEO_FORK_WORKERS=fork,
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_mg_geo(argv, child_env(MG_GEO_FORK_WORKERS=fork))
     report = json.loads((mp / "report.json").read_text())
     assert report["timing"]["forked_workers"] == forked
     assert report["conservation_ok"]

@@ -30,6 +30,7 @@ import pytest
 import webdataset as wds
 
 from fake_openai_server import Fault, FakeOpenAIServer
+from fresh_process import run_mg_geo
 from llm_responder import MISBEHAVIOURS, SmartResponder, request_kind
 from pipeline.cli import main
 from pipeline.lvlm import openai_backend
@@ -224,10 +225,7 @@ def test_two_worker_build_selects_the_same_dialogue_records(clean, sources, api_
                           "--direct_num_workers=2", "--direct_running_mode=multi_processing")
         # `mg-geo build` in a process of its own, as a user runs it: its workers are forked from it
         # (this test process holds the server's threads and could not fork; pipeline.forked_workers).
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+        done = run_mg_geo(argv)
     assert SECRET not in done.stdout + done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["timing"]["forked_workers"] == 2

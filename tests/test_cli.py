@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import gc
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from pipeline.cli import main
+from fresh_process import run_python
 from pipeline.gc_pause import gc_paused
-
-ROOT = str(Path(__file__).parents[1])
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -42,7 +37,5 @@ def test_the_command_line_is_made_without_beam_or_torch():
     light modules for this."""
     code = ("import sys, pipeline.cli; pipeline.cli.make_parser(); "
             "print(sorted(m for m in ('apache_beam', 'torch') if m in sys.modules))")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_python(["-c", code])
     assert done.stdout.strip() == "[]"

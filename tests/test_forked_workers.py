@@ -6,18 +6,16 @@ worker in test_worker_heap."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from fresh_process import child_env, run_python
 from pipeline import forked_workers
 from pipeline.forked_workers import ForkedWorkers, fork_blockers, pool_size
 
-ROOT = str(Path(__file__).parents[1])
 MULTI = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 
 
@@ -68,10 +66,7 @@ def test_a_fresh_build_process_forks_one_child_per_worker():
     code = ("import sys; from apache_beam.options.pipeline_options import PipelineOptions; "
             "import pipeline.build; from pipeline.forked_workers import pool_size, fork_blockers; "
             "print(fork_blockers(), pool_size(PipelineOptions(sys.argv[1:]), False))")
-    env = {k: v for k, v in os.environ.items() if k != forked_workers.ENV_SWITCH}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", code, *MULTI], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_python(["-c", code, *MULTI], child_env(drop=(forked_workers.ENV_SWITCH,)))
     assert done.stdout.split() == ["[]", "2"]
 
 

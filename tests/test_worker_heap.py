@@ -7,21 +7,16 @@ import gc
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from fresh_process import REPO, TESTS, child_env, run_python
 from pipeline.beam_stage import ApplyStage, settle_worker_heap
 from pipeline.build import default_runner
 from pipeline.forked_workers import ForkedWorkers
 from pipeline.stage import Stage
-
-
-HERE = str(Path(__file__).parent)
-ROOT = str(Path(__file__).parents[1])
 
 
 class _Echo(Stage):
@@ -59,7 +54,7 @@ def frozen_in_worker(out: Path, forked: bool, kill_children: bool = False) -> di
 
 def test_frozen_in_a_beam_sdk_worker_after_stage_setup(tmp_path, monkeypatch):
     # The worker process unpickles this module's stage and function: it must find the module.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PYTHONPATH", child_env(TESTS)["PYTHONPATH"])
     seen = frozen_in_worker(tmp_path / "frozen", forked=False)
     assert seen["frozen"] > 10_000  # Beam and our modules, at least
 
@@ -69,10 +64,7 @@ def _in_a_fresh_process(out: Path, **kwargs) -> tuple[dict, str]:
     must not fork); (what the worker saw, the process's stderr)."""
     code = ("import json, sys; from pathlib import Path; import test_worker_heap as t; "
             f"print(json.dumps(t.frozen_in_worker(Path(sys.argv[1]), **{kwargs!r})))")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HERE, ROOT, os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_python(["-c", code, str(out)], child_env(TESTS, REPO))
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 

@@ -92,8 +92,7 @@ def config_from_args(args):
         copy_jpeg=not args.reencode_jpeg,
         max_place_km=args.max_place_km, coast_km=args.coast_km, dedupe_radius=args.dedupe_radius,
         split_ratios=args.split_ratios, split_link_km=args.split_link_km,
-        limits=ShardLimits(args.shard_max_samples, args.shard_max_bytes,
-                                  min_shards=args.shard_min_count),
+        limits=ShardLimits(args.shard_max_samples, args.shard_max_bytes, min_shards=args.shard_min_count),
         source_options=source_options, lvlm_args=args)
 
 
