@@ -109,8 +109,11 @@ class ApplyStage(beam.PTransform):
 
     def expand(self, records):
         if self.stage.batch_size:
+            # A fixed size (the last batch of a bundle is flushed smaller): BatchElements' adaptive
+            # sizing starts at 1 and fits a regression of batch time on size after every batch,
+            # 1.7% of a worker's time on the 20k build, to pick a size the stage already knows.
             records = records | "Batch" >> beam.BatchElements(
-                min_batch_size=1, max_batch_size=self.stage.batch_size)
+                min_batch_size=self.stage.batch_size, max_batch_size=self.stage.batch_size)
         side = () if self.side_input is None else (self.side_input,)
         result = records | "Run" >> beam.ParDo(_StageDoFn(self.stage), *side).with_outputs(REJECTED, main="kept")
         return result.kept, result[REJECTED]

@@ -17,7 +17,8 @@ class ExifSource(Source):
     def check(self):
         if not FileSystems.exists(self.location):
             raise SourceError(f"exif source directory does not exist: {self.location}")
-        if not FileSystems.match([self.location.rstrip("/") + "/*"])[0].metadata_list and \
+        # limits=[1]: one entry is enough (Beam's local match walks the whole tree, two stats a file).
+        if not FileSystems.match([self.location.rstrip("/") + "/*"], limits=[1])[0].metadata_list and \
                 not FileSystems.exists(self.location.rstrip("/") + "/"):
             raise SourceError(f"exif source is not a directory: {self.location}")
 
