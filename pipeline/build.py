@@ -208,15 +208,16 @@ def runner_given(beam_args: list[str]) -> bool:
 
 def default_runner(beam_args: list[str], pool: "forked_workers.ForkedWorkers | None" = None):
     """No --runner given: Beam's in-process FnApiRunner, which honours --direct_num_workers and
-    --direct_running_mode (its multi_processing workers forked from `pool` when there is one).
+    --direct_running_mode (its multi_processing workers forked from `pool` when there is one), and
+    hands each step's work out in parts as its workers finish (pipeline.balanced_runner).
     Plain DirectRunner would first try PrismRunner, which downloads a binary at run time:
     impossible offline and a surprise on a laptop."""
     if runner_given(beam_args):
         return None
     if pool is not None:
         return forked_workers.ForkingFnApiRunner(pool)
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-    return FnApiRunner()
+    from pipeline.balanced_runner import BalancedFnApiRunner
+    return BalancedFnApiRunner()
 
 
 def run_build(config: BuildConfig, beam_args: list[str]) -> dict:

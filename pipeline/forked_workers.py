@@ -31,13 +31,14 @@ import uuid
 import grpc
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 from apache_beam.portability.api import beam_fn_api_pb2_grpc, endpoints_pb2
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.runners.portability.fn_api_runner.worker_handlers import (SubprocessSdkWorkerHandler,
                                                                             WorkerHandler)
 from apache_beam.runners.portability.local_job_service import BeamFnLoggingServicer
 from apache_beam.transforms import environments
 from apache_beam.utils import thread_pool_executor
 from google.protobuf import json_format, text_format
+
+from pipeline.balanced_runner import BalancedFnApiRunner
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def _await_worker(child: _Child, log_server) -> None:
         raise RuntimeError(f"Forked worker {child.pid} exited with status {code}")
 
 
-class ForkingFnApiRunner(FnApiRunner):
+class ForkingFnApiRunner(BalancedFnApiRunner):
     """FnApiRunner that gives its multi_processing workers a ForkedWorkers pool.
 
     FnApiRunner.run_pipeline sets `_default_environment` to a SubprocessSDKEnvironment running
