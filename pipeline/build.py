@@ -259,13 +259,13 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     if {"clue", "dialogue"} & set(config.parts):
         from pipeline.llm_parts import read_backend_stats
         rep["lvlm"] = read_backend_stats(config.out)
-    from pipeline.stats import make_plots
-    rep["plots"] = make_plots(config.out, rep)
-    # Where this build's wall time went (seconds; the stages' own work is in rep["stages"]).
-    rep["timing"] = {"graph_s": round(graph_s, 2), "job_s": round(job_s, 2),
-                     "report_and_plots_s": round(time.perf_counter() - started - graph_s - job_s, 2),
-                     "forked_workers": pool.started if pool else 0}
-    outdir.write_text(outdir.join(config.out, "report.json"), json.dumps(rep, indent=1, sort_keys=True))
-    card.write_card(config, rep)
-    outdir.cleanup_tmp(config.out)
+    with outdir.cleaning_tmp(config.out):  # the job's temporary files go while the plots are drawn
+        from pipeline.stats import make_plots
+        rep["plots"] = make_plots(config.out, rep)
+        # Where this build's wall time went (seconds; the stages' own work is in rep["stages"]).
+        rep["timing"] = {"graph_s": round(graph_s, 2), "job_s": round(job_s, 2),
+                         "report_and_plots_s": round(time.perf_counter() - started - graph_s - job_s, 2),
+                         "forked_workers": pool.started if pool else 0}
+        outdir.write_text(outdir.join(config.out, "report.json"), json.dumps(rep, indent=1, sort_keys=True))
+        card.write_card(config, rep)
     return rep

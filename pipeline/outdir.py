@@ -3,7 +3,9 @@
 All through Beam's FileSystems, so OUT may be local or gs://."""
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import uuid
 
 from apache_beam.io.filesystems import FileSystems
@@ -75,3 +77,26 @@ def cleanup_tmp(out: str) -> None:
     for name in ("_tmp", "_work"):
         if FileSystems.exists(join(out, name)):
             FileSystems.delete([join(out, name)])
+
+
+@contextlib.contextmanager
+def cleaning_tmp(out: str):
+    """cleanup_tmp in a thread while the body runs; on exit, wait for it and raise what it raised.
+    The stash holds every clean JPEG once more (~1.1 GB for 20k photos); unlinking it frees page
+    cache inside the kernel, outside the GIL: 0.8 s of a 20k build's wall when it ran alone."""
+    failed: list[BaseException] = []
+
+    def run():
+        try:
+            cleanup_tmp(out)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="mg-geo-cleanup", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if failed:
+        raise failed[0]

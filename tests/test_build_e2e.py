@@ -67,6 +67,29 @@ def test_every_input_ends_in_exactly_one_place(built, exif_samples):
     assert report["inputs_total"] == len(manifest) + len(ledger)
 
 
+def test_the_build_leaves_only_its_outputs(built):
+    _, out, _ = built
+    # _tmp held the stash (every clean JPEG once more) and _work the counts; both go at the end,
+    # the stash while the plots are drawn (outdir.cleaning_tmp).
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "manifest.parquet", "meta", "plots",
+                                                      "rejected.parquet", "report.json"]
+
+
+def test_a_failed_cleanup_is_raised_after_the_body_ran(tmp_path, monkeypatch):
+    from pipeline import outdir
+
+    (tmp_path / "_tmp").mkdir()
+    ran = []
+
+    def refuse(out):
+        raise PermissionError(f"cannot delete {out}/_tmp")
+    monkeypatch.setattr(outdir, "cleanup_tmp", refuse)
+    with pytest.raises(PermissionError, match="cannot delete"):
+        with outdir.cleaning_tmp(str(tmp_path)):
+            ran.append(True)
+    assert ran == [True]
+
+
 def test_each_bad_input_gets_its_reason(built):
     inputs, out, _ = built
     outcome = {(r["source"], r["input_id"]): "ok" for r in _manifest(out)}
