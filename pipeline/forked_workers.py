@@ -225,8 +225,21 @@ class ForkedSdkWorkerHandler(SubprocessSdkWorkerHandler):
             return
         pool.started += 1
         self.worker_thread = threading.Thread(name="run_forked_worker", target=_await_worker,
-                                              args=(child, log_server))
+                                              args=(child, log_server, self))
         self.worker_thread.start()
+
+    def worker_lost(self, pid: int, code: int) -> None:
+        """The worker process ended badly while the runner may still wait for it. Beam's local
+        runner would wait forever for the bundle it was running (or the next one it is given):
+        every pending instruction fails, and so does any wait for the worker's data, with why."""
+        how = f"signal {-code}" if code < 0 else f"exit status {code}"
+        hint = " (killed: out of memory?)" if code == -9 else ""
+        lost = RuntimeError(f"Beam worker process {pid} died with {how}{hint} while the job ran; "
+                            f"the build stops (its log above says what the worker was doing)")
+        log.error("%s", lost)
+        self.control_conn.abort(lost)
+        # The bundle's wait for output polls the data channel's error (Beam's _GrpcDataChannel).
+        self.data_conn._exception = lost
 
 
 def _logging_service():
@@ -239,13 +252,13 @@ def _logging_service():
     return server, f"127.0.0.1:{port}"
 
 
-def _await_worker(child: _Child, log_server) -> None:
+def _await_worker(child: _Child, log_server, handler: ForkedSdkWorkerHandler) -> None:
     try:
         code = child.wait()
     finally:
         log_server.stop(0)
-    if code:  # as Beam's SubprocessSdkWorker: the runner sees the worker's loss as a failed bundle
-        raise RuntimeError(f"Forked worker {child.pid} exited with status {code}")
+    if code:
+        handler.worker_lost(child.pid, code)
 
 
 class ForkingFnApiRunner(BalancedFnApiRunner):

@@ -84,3 +84,33 @@ def test_torch_in_this_process_rules_forking_out_when_it_matters(monkeypatch, cu
     monkeypatch.setitem(sys.modules, "torch", _Torch(cuda))
     blockers = [b for b in fork_blockers(workers_use_torch) if "torch" in b or "CUDA" in b]
     assert bool(blockers) == blocked
+
+
+# A job whose forked worker is killed (as the kernel's out-of-memory killer does) on one element.
+_KILLED_WORKER_JOB = r"""
+import os, signal, sys
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from pipeline.forked_workers import ForkedWorkers, ForkingFnApiRunner
+
+class KillOn(beam.DoFn):
+    def process(self, element):
+        if element == 57:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield element
+
+with ForkedWorkers(2) as pool:
+    with beam.Pipeline(runner=ForkingFnApiRunner(pool), options=PipelineOptions(sys.argv[1:])) as p:
+        _ = p | beam.Create(list(range(200))) | beam.Reshuffle() | beam.ParDo(KillOn())
+"""
+
+
+def test_a_killed_worker_fails_the_job_with_a_reason_instead_of_hanging():
+    # Beam's local runner waits forever for a bundle whose worker died; the build must stop
+    # and say why. A hang ends in the timeout below and fails the test.
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _KILLED_WORKER_JOB, *MULTI], env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "died" in done.stderr and "signal 9" in done.stderr, done.stderr[-3000:]
