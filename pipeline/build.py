@@ -239,7 +239,10 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     forks = 0 if dry_run else forked_workers.pool_size(
         options, runner_given(beam_args), workers_use_torch=bool({"clue", "dialogue"} & set(config.parts)))
     with contextlib.ExitStack() as workers:
-        pool = workers.enter_context(forked_workers.ForkedWorkers(forks)) if forks else None
+        # Also without children (forks == 0): the pool's runner starts multi_processing workers
+        # afresh then, and still turns a worker's death into the build's error instead of a hang.
+        pool = None if dry_run or runner_given(beam_args) else workers.enter_context(
+            forked_workers.ForkedWorkers(forks))
         started = time.perf_counter()
         with beam.Pipeline(runner=default_runner(beam_args, pool), options=options) as p:
             build_pipeline(p, config, sources)

@@ -16,6 +16,10 @@ another of fork_blockers(), the pool used up or a child gone, `MG_GEO_FORK_WORKE
 starts as a fresh interpreter, as in plain Beam.
 Only our own runner (no `--runner` flag, `--direct_running_mode=multi_processing`) is affected;
 Dataflow, Flink and Spark start their workers themselves.
+
+Every worker this runner starts, forked or fresh, is watched: when one dies (the kernel's
+out-of-memory killer, a crash in native code), Beam's local runner would wait forever for the
+bundle it held; here the bundle and the job fail with the worker's exit status instead.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import gc
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import traceback
@@ -212,7 +217,7 @@ class ForkedSdkWorkerHandler(SubprocessSdkWorkerHandler):
         pool = _POOLS.get(self._pool_id)
         child = pool.take() if pool else None
         if child is None:
-            super().start_worker()  # a fresh interpreter, as Beam starts one
+            self._start_fresh_worker()
             return
         log_server, log_url = _logging_service()
         try:
@@ -221,20 +226,41 @@ class ForkedSdkWorkerHandler(SubprocessSdkWorkerHandler):
             log_server.stop(0)
             log.warning("forked worker %d is gone (%s, exit status %s); starting a fresh one",
                         child.pid, exc, child.wait())
-            super().start_worker()
+            self._start_fresh_worker()
             return
         pool.started += 1
         self.worker_thread = threading.Thread(name="run_forked_worker", target=_await_worker,
                                               args=(child, log_server, self))
         self.worker_thread.start()
 
-    def worker_lost(self, pid: int, code: int) -> None:
+    def _start_fresh_worker(self) -> None:
+        """A fresh interpreter, started as Beam's SubprocessSdkWorkerHandler starts one, and
+        watched as a forked worker is (Beam's thread only raises into the void when it dies)."""
+        from apache_beam.runners.portability import local_job_service
+
+        self.worker = local_job_service.SubprocessSdkWorker(
+            self._worker_command_line, self.control_address, self.provision_info, self.worker_id)
+
+        def run_and_watch():
+            try:
+                self.worker.run()
+            except RuntimeError as exc:  # "Worker subprocess exited with return code N"
+                code = re.search(r"return code (-?\d+)", str(exc))
+                self.worker_lost("a fresh worker", int(code.group(1)) if code else 1)
+
+        self.worker_thread = threading.Thread(name="run_worker", target=run_and_watch)
+        self.worker_thread.start()
+
+    def worker_lost(self, which: "int | str", code: int) -> None:
         """The worker process ended badly while the runner may still wait for it. Beam's local
         runner would wait forever for the bundle it was running (or the next one it is given):
         every pending instruction fails, and so does any wait for the worker's data, with why."""
+        if code > 128:  # a shell's way of saying a signal ended the command
+            code = 128 - code
         how = f"signal {-code}" if code < 0 else f"exit status {code}"
         hint = " (killed: out of memory?)" if code == -9 else ""
-        lost = RuntimeError(f"Beam worker process {pid} died with {how}{hint} while the job ran; "
+        who = f"process {which}" if isinstance(which, int) else f"process ({which})"
+        lost = RuntimeError(f"Beam worker {who} died with {how}{hint} while the job ran; "
                             f"the build stops (its log above says what the worker was doing)")
         log.error("%s", lost)
         self.control_conn.abort(lost)

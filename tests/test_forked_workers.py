@@ -99,18 +99,19 @@ class KillOn(beam.DoFn):
             os.kill(os.getpid(), signal.SIGKILL)
         yield element
 
-with ForkedWorkers(2) as pool:
+with ForkedWorkers(int(sys.argv[1])) as pool:
     with beam.Pipeline(runner=ForkingFnApiRunner(pool), options=PipelineOptions(sys.argv[1:])) as p:
         _ = p | beam.Create(list(range(200))) | beam.Reshuffle() | beam.ParDo(KillOn())
-"""
+"""  # argv: the pool's size (0: every worker starts as a fresh interpreter), then Beam's flags
 
 
-def test_a_killed_worker_fails_the_job_with_a_reason_instead_of_hanging():
+@pytest.mark.parametrize("forked", [2, 0], ids=["forked", "fresh"])
+def test_a_killed_worker_fails_the_job_with_a_reason_instead_of_hanging(forked):
     # Beam's local runner waits forever for a bundle whose worker died; the build must stop
     # and say why. A hang ends in the timeout below and fails the test.
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", _KILLED_WORKER_JOB, *MULTI], env=child_env(),
+    done = subprocess.run([sys.executable, "-c", _KILLED_WORKER_JOB, str(forked), *MULTI], env=child_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "died" in done.stderr and "signal 9" in done.stderr, done.stderr[-3000:]
