@@ -255,11 +255,50 @@ def img2dataset_download(**kwargs) -> None:
     # cannot fork the build's workers (pipeline.forked_workers) that `build --download` runs next.
     monitor_interval, tqdm.monitor_interval = tqdm.monitor_interval, 0
     try:
-        with _stdout_to_stderr():
+        with _stdout_to_stderr(), _pool_workers_forked():
             img2dataset.download(enable_wandb=False, distributor="multiprocessing", **kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)
         tqdm.monitor_interval = monitor_interval
+
+
+@contextlib.contextmanager
+def _pool_workers_forked():
+    """img2dataset's pool starts its workers as new interpreters ("spawn"), each importing
+    img2dataset again (OpenCV and albumentations for its resizer, webdataset and through it torch):
+    3.4-4 s of CPU per worker, and a new worker every 5 shards (maxtasksperchild). This process
+    has imported all of it already, so where it may fork (Linux, no thread running: the rule the
+    build's own workers follow, pipeline.forked_workers) the pool forks them, as Python's pools
+    did by default on Linux; so is its logger process (another ~4 s of imports).
+    MG_GEO_FORK_WORKERS=0 keeps img2dataset's own way."""
+    from img2dataset import distributor
+    from pipeline import forked_workers
+
+    blockers = forked_workers.fork_blockers()
+    if os.environ.get(forked_workers.ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux") \
+            or blockers:
+        if blockers:
+            log.info("img2dataset's workers start as fresh interpreters: %s", "; ".join(blockers))
+        yield
+        return
+    import multiprocessing.context
+
+    from img2dataset.logger import LoggerProcess
+
+    spawn_only = distributor.get_context
+
+    def get_context(method=None):
+        return spawn_only("fork" if method == "spawn" else method)
+
+    log.info("img2dataset's worker and logger processes are forked from this one")
+    distributor.get_context = get_context
+    # The logger process is a SpawnProcess subclass: started the way a ForkProcess starts.
+    LoggerProcess._Popen = staticmethod(multiprocessing.context.ForkProcess._Popen)
+    try:
+        yield
+    finally:
+        distributor.get_context = spawn_only
+        del LoggerProcess._Popen  # SpawnProcess's own again
 
 
 _IMG2DATASET_FILE = re.compile(r"^\d+(\.tar|\.parquet|_stats\.json)$")

@@ -308,3 +308,47 @@ def test_download_cuts_a_table_into_shards_by_default(tmp_path, exif_samples):
     summary = json.loads(printed[printed.index("\n{\n") + 1:printed.index("\nnext: ")])
     assert summary["downloaded"] == 240 and summary["wds_pattern"] == f"{dl}/{{00000..00002}}.tar"
     assert [len(pq.read_table(dl / f"{i:05d}.parquet")) for i in range(3)] == [100, 100, 40]
+
+
+def _shard_contents(dl: Path) -> tuple[list, list]:
+    """(sorted (member, sha256) of every shard, sorted (key, status, id) of every parquet row):
+    what a download made, without the order img2dataset's threads finished in."""
+    members = []
+    for shard in sorted(dl.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                data = tar.extractfile(m).read()
+                if m.name.endswith(".json"):
+                    data = json.dumps(json.loads(data), sort_keys=True).encode()
+                members.append((shard.name, m.name, hashlib.sha256(data).hexdigest()))
+    rows = [(p.name, r["key"], r["status"], r["id"]) for p in sorted(dl.glob("*.parquet"))
+            for r in pq.read_table(p, columns=["key", "status", "id"]).to_pylist()]
+    return sorted(members), sorted(rows)
+
+
+def test_img2dataset_workers_are_forked_and_download_the_same(tmp_path, exif_samples):
+    """In a fresh `mg-geo` process (no thread running) img2dataset's pool workers and logger are
+    forked instead of spawned (each spawn re-imports img2dataset, torch included); the shards are
+    the same as with img2dataset's own spawning (MG_GEO_FORK_WORKERS=0). Local paths: urllib
+    fetches them as file:// URLs, one is missing."""
+    from fresh_process import child_env, run_mg_geo
+
+    table = tmp_path / "photos.csv"
+    with open(table, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "path", "lat", "lon"])
+        for i, name in enumerate(GPS_PHOTOS):
+            writer.writerow([name, exif_samples / "gps" / f"{name}.jpg", f"{TUSCANY[0] + i / 1000:.4f}", TUSCANY[1]])
+        writer.writerow(["missing", tmp_path / "not-there.jpg", "43.0", "11.0"])
+    got = {}
+    for switch in ("1", "0"):
+        dl = tmp_path / f"dl-{switch}"
+        done = run_mg_geo(["download", "--source", f"table:{table}", "--image-column", "path", "--out", str(dl),
+                           "--processes", "2", "--threads", "4", "--samples-per-shard", "5"],
+                          child_env(MG_GEO_FORK_WORKERS=switch, NO_ALBUMENTATIONS_UPDATE="1"))
+        assert ("are forked from this one" in done.stderr) == (switch == "1"), done.stderr[-2000:]
+        got[switch] = _shard_contents(dl)
+    members, rows = got["1"]
+    assert got["1"] == got["0"]
+    assert len(members) == 2 * len(GPS_PHOTOS) and len(rows) == len(GPS_PHOTOS) + 1
+    assert [status for _, _, status, row_id in rows if row_id == "missing"] == ["failed_to_download"]
