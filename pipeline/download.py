@@ -241,13 +241,33 @@ def _stdout_to_stderr():
         os.close(saved)
 
 
+def import_img2dataset():
+    """img2dataset, imported without torch where torch is not loaded yet.
+
+    Its writer imports webdataset, whose __init__ imports torch whenever it is installed (1.6-2 s
+    and ~200 MB here) for dataset classes img2dataset never uses; without torch, webdataset stands
+    in empty classes. Those stay with img2dataset's copy: webdataset is then dropped from
+    sys.modules, so code that imports it later (training) gets it whole, with torch."""
+    if "img2dataset" in sys.modules or "torch" in sys.modules:
+        import img2dataset
+        return img2dataset
+    sys.modules["torch"] = None  # `import torch` raises ModuleNotFoundError, as if not installed
+    try:
+        import img2dataset
+    finally:
+        del sys.modules["torch"]
+        for name in [n for n in sys.modules if n == "webdataset" or n.startswith("webdataset.")]:
+            del sys.modules[name]
+    return img2dataset
+
+
 def img2dataset_download(**kwargs) -> None:
     """img2dataset.download with the process-wide settings it needs: no update check
     (albumentations phones home at import otherwise), no wandb, and our SIGINT handler restored
     (img2dataset installs one that exits the process with status 0), and no tqdm monitor thread."""
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # read at import, inherited by spawned workers
     os.environ.setdefault("WANDB_MODE", "disabled")
-    import img2dataset
+    img2dataset = import_img2dataset()
     from tqdm import tqdm
 
     previous = signal.getsignal(signal.SIGINT)

@@ -352,3 +352,20 @@ def test_img2dataset_workers_are_forked_and_download_the_same(tmp_path, exif_sam
     assert got["1"] == got["0"]
     assert len(members) == 2 * len(GPS_PHOTOS) and len(rows) == len(GPS_PHOTOS) + 1
     assert [status for _, _, status, row_id in rows if row_id == "missing"] == ["failed_to_download"]
+
+
+def test_img2dataset_is_imported_without_torch_and_webdataset_stays_whole():
+    """torch is not loaded for img2dataset (its webdataset would load it for nothing); webdataset
+    imported afterwards by other code (training) is the real one, with torch's classes."""
+    from fresh_process import run_python
+
+    code = ("import sys\n"
+            "from pipeline.download import import_img2dataset\n"
+            "import_img2dataset()\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "import img2dataset.writer, webdataset\n"
+            "from torch.utils.data import IterableDataset\n"
+            "assert issubclass(webdataset.WebDataset, IterableDataset)\n"
+            "assert not issubclass(img2dataset.writer.wds.WebDataset, IterableDataset)\n"
+            "print('ok')\n")
+    assert run_python(["-c", code]).stdout.strip() == "ok"
