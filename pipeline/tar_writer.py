@@ -5,8 +5,14 @@ imports torch when it is installed (seconds and hundreds of MB in every Beam wor
 only writes tars. The output is byte-identical to `webdataset.TarWriter(stream, mtime=0,
 encoder=False)` (tests/test_tar_writer.py compares them): members `KEY.EXT` in sorted order of EXT,
 mode 0o444, owner bigdata:bigdata, uid/gid 0, a fixed mtime, Python's default tar format (PAX,
-which for short ASCII names writes plain ustar headers), written as a stream (`w|`) and padded to a
-whole tar record on close.
+which for short ASCII names writes plain ustar headers), padded to a whole tar record on close.
+
+webdataset opens the tar as a stream (`w|`); tarfile's stream mode then hands the file 10 KiB
+blocks, a write call each (with a copy of the rest of its buffer each time): ~30% of the writer
+step's time on the 20k build's 57 KB JPEGs. Here the plain `w` mode writes the same bytes through
+_Buffered, which passes them on in writes of WRITE_BUFFER bytes and answers tarfile's one question
+about the position (an object store's upload stream may not tell): 0.22-0.57 -> 0.12-0.23 ms per
+sample written to a local file.
 """
 from __future__ import annotations
 
@@ -17,6 +23,34 @@ USER = GROUP = "bigdata"
 MODE = 0o444
 
 
+WRITE_BUFFER = 1 << 20
+
+
+class _Buffered:
+    """Write-only: collects writes and passes them on WRITE_BUFFER bytes at a time (`flush` for the
+    rest); knows how many bytes went through (tarfile's `w` mode asks once)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.buffer = bytearray()
+        self.written = 0
+
+    def write(self, data) -> int:
+        self.buffer += data
+        self.written += len(data)
+        if len(self.buffer) >= WRITE_BUFFER:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.stream.write(bytes(self.buffer))
+            self.buffer = bytearray()
+
+    def tell(self) -> int:
+        return self.written
+
+
 class ShardTarWriter:
     """Writes samples (`{"__key__": KEY, EXT: bytes, ...}`) to an open binary stream as a tar.
 
@@ -24,7 +58,8 @@ class ShardTarWriter:
 
     def __init__(self, stream, mtime: int = 0):
         self.mtime = mtime
-        self.tar = tarfile.open(fileobj=stream, mode="w|")  # webdataset's mode: a plain stream
+        self.out = _Buffered(stream)
+        self.tar = tarfile.open(fileobj=self.out, mode="w")  # the bytes of webdataset's "w|"
 
     def __enter__(self):
         return self
@@ -56,3 +91,4 @@ class ShardTarWriter:
 
     def close(self) -> None:
         self.tar.close()
+        self.out.flush()

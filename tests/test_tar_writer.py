@@ -29,6 +29,8 @@ def _samples():
         {"__key__": "d" * 110 + "-0123456789ab", "jpg": memoryview(b"long name"), "json": b"{}"},
         {"__key__": "e-000000000005", "jpg": b"x" * 511, "json": b"y" * 513, "__url__": "skipped",
          "_meta": b"not written"},
+        # more than the writer's buffer (pipeline.tar_writer.WRITE_BUFFER): passed on in pieces
+        {"__key__": "f-000000000006", "jpg": bytes(range(251)) * 6000, "json": b"{}"},
     ]
 
 
