@@ -20,7 +20,7 @@ from pipeline import manifest, parquet_pieces, writer
 from pipeline.beam_stage import plan_side_input, settle_worker_heap
 from pipeline.data_files import load_json
 from pipeline.record import Record, Reject, Rejection
-from pipeline.stash import load, stash
+from pipeline.stash import StashReader, stash
 
 log = logging.getLogger(__name__)
 RECORD_SCHEMA = "schemas/record.schema.json"
@@ -63,11 +63,12 @@ class _WriteGroups(beam.DoFn):
 
     def process(self, element, numbering):
         start = time.perf_counter()
-        outputs = list(self._write(element, numbering))  # time our work, not the consumers'
+        with StashReader() as reader:
+            outputs = list(self._write(element, numbering, reader))  # time our work, not the consumers'
         self.micros.inc(int((time.perf_counter() - start) * 1e6))
         yield from outputs
 
-    def _write(self, element, numbering):
+    def _write(self, element, numbering, reader: StashReader):
         (part, split, bucket), slots = element
         stash_refs = {key: ref for key, _, ref in slots}
         self.n_in.inc(len(stash_refs))
@@ -75,7 +76,7 @@ class _WriteGroups(beam.DoFn):
         for i, keys in enumerate(chunks):
             path = writer.shard_path(self.out, part, split, numbering[(part, split, bucket, i)])
             rows, rejections = [], []
-            samples = self._samples(stash_refs, split, keys, part, rows, rejections)
+            samples = self._samples(reader, stash_refs, split, keys, part, rows, rejections)
             stats = writer.write_samples(self.out, path, samples, part, self.fail_after)
             for rejection in rejections:
                 # Our own defect, not the input's: still one ledger row, never a lost record.
@@ -90,12 +91,12 @@ class _WriteGroups(beam.DoFn):
                 row["shard"] = stats["shard"]
             yield manifest.write_piece(self.out, stats["shard"], rows)  # rows stay out of shuffles
 
-    def _samples(self, stash_refs: dict, split: str, keys: list[str], part: str, rows: list,
-                 rejections: list):
+    def _samples(self, reader: StashReader, stash_refs: dict, split: str, keys: list[str], part: str,
+                 rows: list, rejections: list):
         """(key, jpg, json) of each sample as the shard writer asks for it: one whole record out of
         its stash at a time, checked against the schema; a refused one becomes a rejection."""
         for key in keys:
-            record = load(stash_refs[key], split)
+            record = reader.load(stash_refs[key], split)
             body = writer.sample_body(record, part)
             problem = self.checker.problem(body)
             if problem:

@@ -6,7 +6,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that
 
 from pipeline.record import Record, make_key
-from pipeline.stash import STASH_DIR, BundleStash, load, stash, unstash
+from pipeline.stash import STASH_DIR, BundleStash, StashReader, load, stash, unstash
 
 
 def _whole(i: int) -> Record:
@@ -35,6 +35,13 @@ def test_bundle_stash_appends_records_to_one_file_and_gives_them_back(tmp_path):
             back = unstash(thin.replace(split="val"))
             assert back == by_key[thin.key].replace(split="val")
             assert load(thin.stash_ref, None) == by_key[thin.key]
+        # The writer's reader: each file opened once, the records read back in any order.
+        with StashReader() as reader:
+            for thin in reversed(thin_copies):
+                want = _whole(99) if thin.key == already.key else by_key[thin.key]
+                assert reader.load(thin.stash_ref, "test") == want.replace(split="test")
+            assert len(reader.streams) == 1  # the bundle's file; stash()'s own file is read whole
+        assert not reader.streams
 
     with beam.Pipeline(runner=FnApiRunner()) as p:
         thin = p | beam.Create(wholes + [already]) | beam.ParDo(BundleStash(str(tmp_path)))
