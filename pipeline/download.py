@@ -294,11 +294,7 @@ def _pool_workers_forked():
     from img2dataset import distributor
     from pipeline import forked_workers
 
-    blockers = forked_workers.fork_blockers()
-    if os.environ.get(forked_workers.ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux") \
-            or blockers:
-        if blockers:
-            log.info("img2dataset's workers start as fresh interpreters: %s", "; ".join(blockers))
+    if not forked_workers.may_fork("img2dataset's workers"):
         yield
         return
     import multiprocessing.context

@@ -324,14 +324,23 @@ def pool_size(options: PipelineOptions, runner_given: bool, workers_use_torch: b
     direct = options.view_as(DirectOptions)
     if runner_given or direct.direct_running_mode != "multi_processing":
         return 0
-    if os.environ.get(ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux") \
-            or not hasattr(os, "fork"):
-        return 0
-    blockers = fork_blockers(workers_use_torch)
-    if blockers:
-        log.info("workers start as fresh interpreters: %s", "; ".join(blockers))
+    if not may_fork("workers", workers_use_torch):
         return 0
     return direct.direct_num_workers or os.cpu_count() or 1
+
+
+def may_fork(what: str, workers_use_torch: bool = False) -> bool:
+    """Whether this process may fork `what` (Beam's workers, img2dataset's processes) instead of
+    starting fresh interpreters: Linux, not switched off (MG_GEO_FORK_WORKERS=0), no fork_blockers
+    (logged as the reason when there are)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux") \
+            or not hasattr(os, "fork"):
+        return False
+    blockers = fork_blockers(workers_use_torch)
+    if blockers:
+        log.info("%s start as fresh interpreters: %s", what, "; ".join(blockers))
+        return False
+    return True
 
 
 def fork_blockers(workers_use_torch: bool = False) -> list[str]:
