@@ -61,6 +61,8 @@ class BuildConfig:
     source_options: dict = field(default_factory=dict)
     fail_writer_after: int | None = None  # crash injection for tests only
     lvlm_args: object = None  # parsed CLI flags for the LVLM parts (pipeline.llm_parts reads them)
+    # wds: spec -> pipeline.download_background.ShardWait, for shards still being downloaded
+    shard_waits: dict = field(default_factory=dict)
 
 
 class _SourceRecords(beam.DoFn):
@@ -75,10 +77,15 @@ class _SourceRecords(beam.DoFn):
 
     def setup(self):
         self.micros = Metrics.counter(METRIC_PREFIX + "source", "micros")
+        # Waiting for a unit (a shard img2dataset is still writing) is not work: counted apart.
+        self.wait_micros = Metrics.counter(METRIC_PREFIX + "source", "wait_micros")
         self.n_in = Metrics.counter(METRIC_PREFIX + "source", "in")
 
     def process(self, unit_pair):
         spec, unit = unit_pair
+        start = time.perf_counter()
+        self.sources[spec].await_unit(unit)
+        self.wait_micros.inc(int((time.perf_counter() - start) * 1e6))
         outputs = iter(self.sources[spec].records(unit))
         while True:
             start = time.perf_counter()
@@ -226,6 +233,8 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
 
     sources = [parse_source(spec, config.source_options) for spec in config.sources]
     for source in sources:
+        if source.spec in config.shard_waits:
+            source.shard_wait = config.shard_waits[source.spec]
         source.check()
     if {"clue", "dialogue"} & set(config.parts):
         from pipeline.llm_parts import check_llm

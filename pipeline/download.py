@@ -379,10 +379,51 @@ def wds_pattern(out: str, n_shards: int) -> str:
     return f"{out}/{{{shard_name(0)}..{shard_name(n_shards - 1)}}}.tar"
 
 
-def run_download(spec: str, out: str, options: DownloadOptions = DownloadOptions(),
-                 source_options: Optional[dict] = None) -> dict:
-    """Download the images of a `table:` source into WebDataset shards under `out`; returns the
-    summary (rows, downloaded, failed by reason, shards, wds_pattern for `mg-geo build`)."""
+@dataclass
+class PreparedDownload:
+    """A table source's url list written (in `tmp`) and its shards sized: what img2dataset is given."""
+    spec: str
+    out: str
+    url_list: str
+    n_rows: int
+    per_shard: int
+    options: DownloadOptions
+    tmp: str  # removed when the `prepared_download` context ends
+
+    @property
+    def n_shards(self) -> int:
+        return max(1, math.ceil(self.n_rows / self.per_shard))
+
+    @property
+    def wds_spec(self) -> str:
+        """The wds: source of the shards this download writes."""
+        return "wds:" + wds_pattern(self.out, self.n_shards)
+
+    def run(self) -> dict:
+        """img2dataset over the url list; returns summarize()'s summary."""
+        options = self.options
+        columns = [c for c in pq.read_schema(self.url_list).names if c != URL_COLUMN]
+        if options.overwrite:
+            remove_previous_shards(self.out)
+        img2dataset_download(
+            url_list=self.url_list, input_format="parquet", url_col=URL_COLUMN,
+            save_additional_columns=columns, output_folder=self.out, output_format="webdataset",
+            processes_count=options.processes, thread_count=options.threads,
+            timeout=options.timeout_s, retries=options.retries,
+            number_sample_per_shard=self.per_shard,
+            disable_all_reencoding=True,  # the original bytes: see the module docstring
+            extract_exif=False,           # our image stage reads EXIF from the bytes themselves
+            compute_hash=None,            # our image stage records the source bytes' sha256
+            oom_shard_count=OOM_SHARD_COUNT,
+            incremental_mode="incremental",  # shards with a _stats.json are done: kept
+            user_agent_token=options.user_agent_token)
+        return summarize(self.out, self.n_rows, self.per_shard)
+
+
+@contextlib.contextmanager
+def prepared_download(spec: str, out: str, options: DownloadOptions = DownloadOptions(),
+                      source_options: Optional[dict] = None) -> Iterator[PreparedDownload]:
+    """Check a download's arguments and write img2dataset's input for the `table:` source `spec`."""
     from pipeline.sources import parse_source
     from pipeline.sources.table import TableSource
 
@@ -406,20 +447,13 @@ def run_download(spec: str, out: str, options: DownloadOptions = DownloadOptions
         n_rows = write_url_list(source, url_list)
         if n_rows == 0:
             raise BadArgument(f"table {source.location} has no rows: nothing to download")
-        per_shard = shard_size(n_rows, options.samples_per_shard)
-        columns = [c for c in pq.read_schema(url_list).names if c != URL_COLUMN]
-        if options.overwrite:
-            remove_previous_shards(out)
-        img2dataset_download(
-            url_list=url_list, input_format="parquet", url_col=URL_COLUMN,
-            save_additional_columns=columns, output_folder=out, output_format="webdataset",
-            processes_count=options.processes, thread_count=options.threads,
-            timeout=options.timeout_s, retries=options.retries,
-            number_sample_per_shard=per_shard,
-            disable_all_reencoding=True,  # the original bytes: see the module docstring
-            extract_exif=False,           # our image stage reads EXIF from the bytes themselves
-            compute_hash=None,            # our image stage records the source bytes' sha256
-            oom_shard_count=OOM_SHARD_COUNT,
-            incremental_mode="incremental",  # shards with a _stats.json are done: kept
-            user_agent_token=options.user_agent_token)
-    return summarize(out, n_rows, per_shard)
+        yield PreparedDownload(spec, out, url_list, n_rows, shard_size(n_rows, options.samples_per_shard),
+                               options, tmp)
+
+
+def run_download(spec: str, out: str, options: DownloadOptions = DownloadOptions(),
+                 source_options: Optional[dict] = None) -> dict:
+    """Download the images of a `table:` source into WebDataset shards under `out`; returns the
+    summary (rows, downloaded, failed by reason, shards, wds_pattern for `mg-geo build`)."""
+    with prepared_download(spec, out, options, source_options) as download:
+        return download.run()

@@ -329,7 +329,7 @@ def pool_size(options: PipelineOptions, runner_given: bool, workers_use_torch: b
     return direct.direct_num_workers or os.cpu_count() or 1
 
 
-def may_fork(what: str, workers_use_torch: bool = False) -> bool:
+def may_fork(what: str, workers_use_torch: bool = False, otherwise: str = "start as fresh interpreters") -> bool:
     """Whether this process may fork `what` (Beam's workers, img2dataset's processes) instead of
     starting fresh interpreters: Linux, not switched off (MG_GEO_FORK_WORKERS=0), no fork_blockers
     (logged as the reason when there are)."""
@@ -338,7 +338,7 @@ def may_fork(what: str, workers_use_torch: bool = False) -> bool:
         return False
     blockers = fork_blockers(workers_use_torch)
     if blockers:
-        log.info("%s start as fresh interpreters: %s", what, "; ".join(blockers))
+        log.info("%s %s: %s", what, otherwise, "; ".join(blockers))
         return False
     return True
 

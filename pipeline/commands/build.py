@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -96,33 +97,67 @@ def config_from_args(args):
         source_options=source_options, lvlm_args=args)
 
 
-def download_tables(config, args) -> list[str]:
-    """Each table: source -> its images fetched with img2dataset -> the wds: source of those shards.
-    The ledger then names the shard/key of a row; the row's own columns are in the provenance."""
-    from pipeline.download import DownloadOptions, run_download
+def download_tables(config, args, stack: contextlib.ExitStack) -> tuple[list[str], list]:
+    """Each table: source -> its images fetched with img2dataset -> the wds: source of those shards
+    (the ledger then names the shard/KEY of a row; the row's own columns are in the provenance).
+    Returns (the build's sources, the downloads running beside it).
+
+    On the local runner, where this process may fork, each table is downloaded in a child process
+    while the build reads its shards as img2dataset finishes them (pipeline.download_background);
+    otherwise (another runner, a dry run, MG_GEO_FORK_WORKERS=0) every table is downloaded first."""
+    from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
+
+    from pipeline import forked_workers
+    from pipeline.build import runner_given
+    from pipeline.download import DownloadOptions, prepared_download
 
     options = DownloadOptions(processes=args.download_processes, threads=args.download_threads,
                               timeout_s=args.download_timeout)
-    sources = []
-    for i, spec in enumerate(config.sources):
-        if spec.startswith("table:"):
-            where = f"{config.out}/_download/table-{i}"
-            summary = run_download(spec, where, options, config.source_options)
-            log.info("downloaded %s: %s", spec, {k: summary[k] for k in ("rows", "downloaded") if k in summary})
-            spec = "wds:" + summary["wds_pattern"]
-        sources.append(spec)
-    return sources
+    tables = [(i, spec) for i, spec in enumerate(config.sources) if spec.startswith("table:")]
+    beside = bool(tables) and not runner_given(args.extra) \
+        and not PipelineOptions(args.extra).view_as(TestOptions).dry_run \
+        and forked_workers.may_fork("downloads", otherwise="run before the build, not beside it")
+    sources, background = list(config.sources), []
+    for i, spec in tables:
+        download = stack.enter_context(prepared_download(
+            spec, f"{config.out}/_download/table-{i}", options, config.source_options))
+        if beside:
+            from pipeline.download_background import BackgroundDownload
+            running = BackgroundDownload(download)
+            stack.callback(running.stop)
+            config.shard_waits[download.wds_spec] = running.wait
+            background.append(running)
+        else:
+            summary = download.run()
+            log.info("downloaded %s: %s", spec, {k: summary[k] for k in ("rows", "downloaded")})
+        sources[i] = download.wds_spec
+    return sources, background
 
 
 def run(args) -> int:
     from pipeline.build import run_build
     from pipeline.errors import BadArgument
+    from pipeline.download import DownloadIncomplete
 
     try:
-        config = config_from_args(args)
-        if args.download:
-            config.sources = download_tables(config, args)
-        report = run_build(config, args.extra)
+        with contextlib.ExitStack() as stack:
+            config = config_from_args(args)
+            background = []
+            if args.download:
+                config.sources, background = download_tables(config, args, stack)
+            try:
+                report = run_build(config, args.extra)
+            except Exception as exc:
+                # A shard img2dataset gave up on fails the job where a worker waited for it: the
+                # download's own report says why, as it would before a build.
+                for running in background:
+                    if running.failed():
+                        raise DownloadIncomplete(running.failed()) from exc
+                raise
+            for running in background:
+                summary = running.finish()
+                log.info("downloaded %s: %s", running.download.spec,
+                         {k: summary[k] for k in ("rows", "downloaded")})
     except BadArgument as exc:
         # A bad argument: one clear message, no traceback, nothing built.
         print(f"mg-geo build: error: {exc}", file=sys.stderr)
@@ -133,10 +168,7 @@ def run(args) -> int:
         print(f"mg-geo build: error: --download needs img2dataset: pip install 'mg-geo[download]' ({exc})",
               file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        from pipeline.download import DownloadIncomplete
-        if not isinstance(exc, DownloadIncomplete):
-            raise
+    except DownloadIncomplete as exc:
         print(f"mg-geo build: error: {exc} (run again to resume)", file=sys.stderr)
         return 1
     if report.get("dry_run"):
