@@ -1,7 +1,7 @@
 """The build job: sources -> stages -> shards, manifest, ledger, report and dataset card.
 
 `build_pipeline` only wires the graph (one small step after another, each through the shared
-`ApplyStage` wrapper); the runner is whatever Beam options say (DirectRunner on a laptop, Dataflow,
+`ApplyStage`/`ApplyStages` wrapper); the runner is whatever Beam options say (DirectRunner on a laptop, Dataflow,
 Flink or Spark by flags alone). `run_build` runs it and writes the report and the card.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline import forked_workers, manifest, outdir, parquet_pieces, writer
-from pipeline.beam_stage import METRIC_PREFIX, ApplyStage, CountValues, TimedMap, stage_metrics
+from pipeline.beam_stage import METRIC_PREFIX, ApplyStages, CountValues, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
 from pipeline.geocode import GeocodeStage
@@ -167,9 +167,9 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
               | "CountInputs" >> beam.CombineGlobally(CountValues()).without_defaults()
               | "WriteInputs" >> beam.Map(outdir.write_counts, config.out, outdir.INPUTS_FILE))
 
-    for stage in record_stages(config):
-        records, more = records | stage.name.capitalize() >> ApplyStage(stage)
-        rejected.append(more)
+    # One ParDo for all of them: each stage is still counted, timed and logged as its own.
+    records, more = records | "Stages" >> ApplyStages(record_stages(config))
+    rejected.append(more)
     # Records go on as thin copies from here: the shuffles and waits below carry ~0.4 KB each.
     records = records | "Stash" >> beam.ParDo(BundleStash(config.out))
     records, more = records | "DedupeSplit" >> DedupeAndSplit(
