@@ -229,8 +229,6 @@ def default_runner(beam_args: list[str], pool: "forked_workers.ForkedWorkers | N
 
 def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     """Check arguments, run the job, write report.json and README.md; returns the report."""
-    from pipeline import card, report
-
     sources = [parse_source(spec, config.source_options) for spec in config.sources]
     for source in sources:
         if source.spec in config.shard_waits:
@@ -247,24 +245,41 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     # Forked now, while this process is single-threaded and every stage's module is imported.
     forks = 0 if dry_run else forked_workers.pool_size(
         options, runner_given(beam_args), workers_use_torch=bool({"clue", "dialogue"} & set(config.parts)))
-    with contextlib.ExitStack() as workers:
-        # Also without children (forks == 0): the pool's runner starts multi_processing workers
-        # afresh then, and still turns a worker's death into the build's error instead of a hang.
-        pool = None if dry_run or runner_given(beam_args) else workers.enter_context(
-            forked_workers.ForkedWorkers(forks))
-        started = time.perf_counter()
-        with beam.Pipeline(runner=default_runner(beam_args, pool), options=options) as p:
-            build_pipeline(p, config, sources)
-            graph_s = time.perf_counter() - started
-    job_s = time.perf_counter() - started - graph_s  # the runner: translation, workers, every step
-    if dry_run:
-        # The runner translated and checked the job graph without submitting it (Dataflow can do
-        # this offline and without credentials); nothing ran, so there is nothing to report.
-        job = getattr(p.result, "job", None)
-        return {"dry_run": True, "runner": type(p.runner).__name__,
-                "job_name": getattr(getattr(job, "proto", None), "name", None),
-                "transforms": len(p.to_runner_api().components.transforms)}
-    metrics = stage_metrics(p.result)
+    plotter = None
+    try:
+        with contextlib.ExitStack() as workers:
+            # Also without children (forks == 0): the pool's runner starts multi_processing workers
+            # afresh then, and still turns a worker's death into the build's error instead of a hang.
+            pool = None if dry_run or runner_given(beam_args) else workers.enter_context(
+                forked_workers.ForkedWorkers(forks))
+            if not dry_run and "://" not in config.out and forked_workers.may_fork(
+                    "the plots' process", otherwise="is not started: the plots are drawn after the job"):
+                from pipeline.plotter import Plotter  # forked after the workers: they hold none of its pipes
+                plotter = Plotter(close_in_child=pool.parent_fds() if pool else [])
+            started = time.perf_counter()
+            with beam.Pipeline(runner=default_runner(beam_args, pool), options=options) as p:
+                build_pipeline(p, config, sources)
+                graph_s = time.perf_counter() - started
+        job_s = time.perf_counter() - started - graph_s  # the runner: translation, workers, every step
+        if dry_run:
+            # The runner translated and checked the job graph without submitting it (Dataflow can do
+            # this offline and without credentials); nothing ran, so there is nothing to report.
+            job = getattr(p.result, "job", None)
+            return {"dry_run": True, "runner": type(p.runner).__name__,
+                    "job_name": getattr(getattr(job, "proto", None), "name", None),
+                    "transforms": len(p.to_runner_api().components.transforms)}
+        return _report(config, p.result, plotter, started, graph_s, job_s, pool.started if pool else 0)
+    finally:
+        if plotter is not None:
+            plotter.close()
+
+
+def _report(config: BuildConfig, result, plotter, started: float, graph_s: float, job_s: float,
+            forked: int) -> dict:
+    """report.json, the plots and README.md of a finished job; returns the report."""
+    from pipeline import card, report
+
+    metrics = stage_metrics(result)
     for name, counts in metrics.items():
         log.info("stage %-9s %s", name, " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     rep = report.build_report(config, metrics)
@@ -273,11 +288,11 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
         rep["lvlm"] = read_backend_stats(config.out)
     with outdir.cleaning_tmp(config.out):  # the job's temporary files go while the plots are drawn
         from pipeline.stats import make_plots
-        rep["plots"] = make_plots(config.out, rep)
+        rep["plots"] = plotter.make_plots(config.out, rep) if plotter else make_plots(config.out, rep)
         # Where this build's wall time went (seconds; the stages' own work is in rep["stages"]).
         rep["timing"] = {"graph_s": round(graph_s, 2), "job_s": round(job_s, 2),
                          "report_and_plots_s": round(time.perf_counter() - started - graph_s - job_s, 2),
-                         "forked_workers": pool.started if pool else 0}
+                         "forked_workers": forked, "plots_process": plotter is not None}
         outdir.write_text(outdir.join(config.out, "report.json"), json.dumps(rep, indent=1, sort_keys=True))
         card.write_card(config, rep)
     return rep

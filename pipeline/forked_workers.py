@@ -110,6 +110,12 @@ class ForkedWorkers:
         os.close(read_fd)
         return _Child(pid, write_fd)
 
+    def parent_fds(self) -> list[int]:
+        """This process's ends of the unused children's pipes: a process forked later must close
+        them, or a child would never see the EOF that tells it to leave."""
+        with self._lock:
+            return [child.write_fd for child in self._free]
+
     def take(self) -> _Child | None:
         with self._lock:
             return self._free.pop() if self._free else None

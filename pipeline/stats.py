@@ -183,8 +183,9 @@ def _save(fig, out: str, name: str) -> str:
     return rel
 
 
-def make_plots(out: str, report: dict) -> list[str]:
-    """Write OUT/plots/*.png from OUT's manifest and ledger; returns their paths relative to OUT."""
+def plot_jobs(out: str, report: dict) -> list[tuple]:
+    """(file name, draw function, its rows) for every plot with something to show, after OUT's
+    previous plots are removed; `save_plot` draws one."""
     from pipeline.manifest import MANIFEST_SCHEMA
 
     # The columns the plots draw, not whole rows: a manifest has a row per sample.
@@ -201,11 +202,21 @@ def make_plots(out: str, report: dict) -> list[str]:
         FileSystems.delete(stale)
     plots = [
         ("world_map.png", world_map, located.select(["split", "lat", "lon"]).to_pylist()),
-        ("countries.png", lambda rows: countries_bar(rows, part),
+        ("countries.png", functools.partial(countries_bar, part=part),
          [{"country_code": cc, "country": name, "n": n}
           for (cc, name), n in count_by(in_part, ["country_code", "country"]).items()]),
         ("splits.png", split_part_bars,
          [{"part": p, "split": sp, "n": n} for (p, sp), n in count_by(manifest, ["part", "split"]).items()]),
         ("rejections.png", rejections_bar, ledger),
     ]
-    return [_save(draw(rows), out, name) for name, draw, rows in plots if rows]
+    return [job for job in plots if job[2]]
+
+
+def save_plot(out: str, job: tuple) -> str:
+    name, draw, rows = job
+    return _save(draw(rows), out, name)
+
+
+def make_plots(out: str, report: dict) -> list[str]:
+    """Write OUT/plots/*.png from OUT's manifest and ledger; returns their paths relative to OUT."""
+    return [save_plot(out, job) for job in plot_jobs(out, report)]

@@ -16,7 +16,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from fresh_process import TESTS, child_env
-from pipeline.balanced_runner import PARTS_PER_WORKER, BalancedFnApiRunner
+from pipeline.balanced_runner import FINE_PARTS_PER_WORKER, BalancedFnApiRunner, guided_sizes
 
 N = 400
 TWO_WORKERS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
@@ -64,13 +64,22 @@ def _run(where: Path, **note) -> list[tuple[int, int, int]]:
 def test_each_element_once_in_more_parts_than_workers_and_a_slow_worker_takes_fewer(tmp_path):
     seen = _run(tmp_path, slow_s=0.005)
     assert sorted(element for _, _, element in seen) == list(range(N))
-    bundles = {(pid, bundle) for pid, bundle, _ in seen}
-    assert 2 < len(bundles) <= 2 * PARTS_PER_WORKER
+    bundles = collections.Counter((pid, bundle) for pid, bundle, _ in seen)
+    assert 2 < len(bundles) <= len(guided_sizes(2 * FINE_PARTS_PER_WORKER, 2))
+    # The parts shrink as the step goes on: the last ones are a fine part each (N/32 = 12-13).
+    assert max(bundles.values()) >= 4 * min(bundles.values()) and min(bundles.values()) <= 13
     per_worker = collections.Counter(pid for pid, _, _ in seen)
     assert len(per_worker) == 2
     # Beam's own manager gives each worker half the elements, whatever their speed.
     slow, fast = sorted(per_worker.values())
     assert fast > 2 * slow, per_worker
+
+
+def test_parts_shrink_to_one_fine_part_and_cover_all():
+    for n, workers in ((32, 2), (64, 4), (16, 1), (1, 2), (5, 8)):
+        sizes = guided_sizes(n, workers)
+        assert sum(sizes) == n and sizes == sorted(sizes, reverse=True) and sizes[-1] == 1
+    assert guided_sizes(32, 2) == [8, 6, 5, 4, 3, 2, 1, 1, 1, 1]
 
 
 def test_a_failing_part_fails_the_job_with_its_error(tmp_path):
