@@ -5,7 +5,6 @@ import gc
 import logging
 import sys
 import time
-from collections import Counter
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -38,6 +37,30 @@ def settle_worker_heap() -> None:
         gc.freeze()
 
 
+class BundleCounts:
+    """Counters of one namespace summed in the worker and handed to Beam once per bundle
+    (`flush()` in finish_bundle, when Beam reports the bundle's metrics anyway): an inc per
+    element and counter was ~4% of a worker's time on the 20k build. Fractions (micros summed
+    as floats) carry over to the next bundle."""
+
+    def __init__(self, namespace: str):
+        self.ns = namespace
+        self.counts: dict = {}
+
+    def add(self, name: str, n: float = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def add_micros_since(self, start: float, name: str = "micros") -> None:
+        self.add(name, (time.perf_counter() - start) * 1e6)
+
+    def flush(self) -> None:
+        for name, value in self.counts.items():
+            whole = int(value)
+            if whole:
+                Metrics.counter(self.ns, name).inc(whole)
+            self.counts[name] = value - whole
+
+
 class _Tally:
     """One stage's counts and time in a worker: summed here and handed to Beam's counters once
     per bundle (an inc per element and counter was ~4% of a worker's time on the 20k build), and
@@ -45,9 +68,7 @@ class _Tally:
 
     def __init__(self, stage: Stage):
         self.stage = stage
-        self.ns = METRIC_PREFIX + stage.name
-        self.pending: Counter = Counter()  # counter name -> not yet handed to Beam
-        self.micros = 0.0
+        self.counts = BundleCounts(METRIC_PREFIX + stage.name)
         self.local = {"in": 0, "out": 0, "rejected": 0}  # this worker's, for the progress log
         self.last_log = time.monotonic()
 
@@ -56,30 +77,24 @@ class _Tally:
         stage = self.stage
         start = time.perf_counter()
         outcomes = list(iter_outcomes(stage, records))
-        self.micros += (time.perf_counter() - start) * 1e6
+        self.counts.add_micros_since(start)
         kept, rejected = [], []
         for record, outcome in outcomes:
             if isinstance(outcome, Reject):
                 rejected.append(Rejection.of(record, stage.name, outcome, stage.part))
-                self.pending["reason." + outcome.reason] += 1
+                self.counts.add("reason." + outcome.reason)
                 if stage.part:  # only this part lacks a sample; the record goes on
                     kept.append(record)
             else:
                 kept.append(outcome)
         for name, n in (("in", len(records)), ("out", len(outcomes) - len(rejected)), ("rejected", len(rejected))):
-            self.pending[name] += n
+            self.counts.add(name, n)
             self.local[name] += n
         self._maybe_log_progress()
         return kept, rejected
 
     def flush(self) -> None:
-        """Hand the sums to Beam (call in finish_bundle: the bundle's metrics are reported after it)."""
-        self.pending["micros"] += int(self.micros)
-        self.micros -= int(self.micros)
-        for name, n in self.pending.items():
-            if n:
-                Metrics.counter(self.ns, name).inc(n)
-        self.pending.clear()
+        self.counts.flush()
 
     def _maybe_log_progress(self):
         # Checked per call, not per bundle: the local runner gives a stage one huge bundle.
@@ -232,21 +247,27 @@ def stage_metrics(result) -> dict:
     return out
 
 
-class _TimedMapFn(beam.DoFn):
-    def __init__(self, name: str, fn, args: tuple):
+class _TimedFn(beam.DoFn):
+    """fn over each element, its time (and, for a step of its own, the element count) summed in
+    the worker and handed to mg_geo.<name>.* once per bundle."""
+
+    def __init__(self, name: str, fn, args: tuple, flat: bool, star: bool, count_in: bool):
         self.name, self.fn, self.args = name, fn, args
+        self.flat, self.star, self.count_in = flat, star, count_in
 
     def setup(self):
-        ns = METRIC_PREFIX + self.name
-        self.n_in = Metrics.counter(ns, "in")
-        self.micros = Metrics.counter(ns, "micros")
+        self.counts = BundleCounts(METRIC_PREFIX + self.name)
 
     def process(self, element):
         start = time.perf_counter()
-        out = self.fn(element, *self.args)
-        self.micros.inc(int((time.perf_counter() - start) * 1e6))
-        self.n_in.inc()
-        yield out
+        out = self.fn(*element, *self.args) if self.star else self.fn(element, *self.args)
+        self.counts.add_micros_since(start)
+        if self.count_in:
+            self.counts.add("in")
+        return out if self.flat else [out]
+
+    def finish_bundle(self):
+        self.counts.flush()
 
 
 class TimedMap(beam.PTransform):
@@ -259,7 +280,14 @@ class TimedMap(beam.PTransform):
         self.name, self.fn, self.args = name, fn, args
 
     def expand(self, elements):
-        return elements | "Run" >> beam.ParDo(_TimedMapFn(self.name, self.fn, self.args))
+        return elements | "Run" >> beam.ParDo(_TimedFn(self.name, self.fn, self.args, False, False, True))
+
+
+def stage_work(name: str, fn, *args, flat: bool = True, star: bool = False):
+    """beam.FlatMap(fn, *args) (or FlatMapTuple with star, Map without flat) for a global
+    stage's own steps (dedupe's and split's plans): its time is the stage's work, counted in
+    mg_geo.<name>.micros with the rest of the stage's, not its element count."""
+    return beam.ParDo(_TimedFn(name, fn, args, flat, star, False))
 
 
 def plan_side_input(plan):
@@ -290,15 +318,16 @@ class DistinctValues(beam.CombineFn):
         return sorted(acc)
 
 
-class CountValues(beam.CombineFn):
-    """[[value, count], ...] of a PCollection, sorted, in one global combine: what
-    Count.PerElement() + ToList() gives, without a group-by per distinct value."""
+class SumCounts(beam.CombineFn):
+    """[[value, count], ...], sorted, from (value, count) pairs counted where they were made
+    (per unit, per bundle), in one global combine."""
 
     def create_accumulator(self):
         return {}
 
-    def add_input(self, acc, value):
-        acc[value] = acc.get(value, 0) + 1
+    def add_input(self, acc, pair):
+        value, n = pair
+        acc[value] = acc.get(value, 0) + n
         return acc
 
     def merge_accumulators(self, accs):

@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline import forked_workers, manifest, outdir, parquet_pieces, writer
-from pipeline.beam_stage import METRIC_PREFIX, ApplyStages, CountValues, TimedMap, stage_metrics
+from pipeline.beam_stage import METRIC_PREFIX, ApplyStages, BundleCounts, SumCounts, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
 from pipeline.geocode import GeocodeStage
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 LEDGER_SCHEMA = pa.schema([(name, pa.string()) for name in
                            ("source", "input_id", "key", "stage", "reason", "detail", "part")])
 SOURCE_REJECTED = "rejected"
-SOURCE_INPUTS = "inputs"  # one element per input, kept or rejected: the source spec it came from
+SOURCE_INPUTS = "inputs"  # (source spec, inputs kept or rejected) per unit
 LEDGER_FILE = "rejected.parquet"
 LEDGER_PIECES_DIR = "_tmp/ledger"
 LEDGER_PIECE_ROWS = 50_000
@@ -66,40 +65,67 @@ class BuildConfig:
 
 
 class _SourceRecords(beam.DoFn):
-    """(spec, unit) -> records, a ledger row for each input the source already rejects, and the
-    spec of every input on SOURCE_INPUTS (what the input count is made from).
+    """(spec, unit) -> records, a ledger row for each input the source already rejects, and on
+    SOURCE_INPUTS one (source spec, inputs) pair per unit (what the input count is made from).
 
     Times the source's own work like a stage's (mg_geo.source.micros): only inside its generator,
-    not the fused steps downstream that run while an output is handed on."""
+    not the fused steps downstream that run while an output is handed on. Counters are summed
+    here and handed to Beam once per bundle."""
 
     def __init__(self, sources: dict[str, Source]):
         self.sources = sources
 
     def setup(self):
-        self.micros = Metrics.counter(METRIC_PREFIX + "source", "micros")
-        # Waiting for a unit (a shard img2dataset is still writing) is not work: counted apart.
-        self.wait_micros = Metrics.counter(METRIC_PREFIX + "source", "wait_micros")
-        self.n_in = Metrics.counter(METRIC_PREFIX + "source", "in")
+        self.counts = BundleCounts(METRIC_PREFIX + "source")
 
     def process(self, unit_pair):
         spec, unit = unit_pair
+        counts = self.counts
         start = time.perf_counter()
         self.sources[spec].await_unit(unit)
-        self.wait_micros.inc(int((time.perf_counter() - start) * 1e6))
+        # Waiting for a unit (a shard img2dataset is still writing) is not work: counted apart.
+        counts.add_micros_since(start, "wait_micros")
+        inputs: dict[str, int] = {}
         outputs = iter(self.sources[spec].records(unit))
         while True:
             start = time.perf_counter()
             item = next(outputs, None)
-            self.micros.inc(int((time.perf_counter() - start) * 1e6))
+            counts.add_micros_since(start)
             if item is None:
-                return
+                break
             record, reject = item
-            self.n_in.inc()
-            yield beam.pvalue.TaggedOutput(SOURCE_INPUTS, record.source)
+            inputs[record.source] = inputs.get(record.source, 0) + 1
             if reject is None:
                 yield record
             else:
                 yield beam.pvalue.TaggedOutput(SOURCE_REJECTED, Rejection.of(record, "source", reject))
+        counts.add("in", sum(inputs.values()))
+        for source, n in inputs.items():
+            yield beam.pvalue.TaggedOutput(SOURCE_INPUTS, (source, n))
+
+    def finish_bundle(self):
+        self.counts.flush()
+
+
+class _CountPresence(beam.DoFn):
+    """(source, part, has a sample) of every record at the writer, counted per bundle: one
+    (key, count) pair per bundle and key instead of an element per record and part."""
+
+    def __init__(self, parts: tuple[str, ...]):
+        self.parts = parts
+
+    def start_bundle(self):
+        self.counts: dict = {}
+
+    def process(self, record):
+        present = record.parts_present()
+        for part in self.parts:
+            key = (record.source, part, part in present)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def finish_bundle(self):
+        for key, n in self.counts.items():
+            yield GlobalWindows.windowed_value((key, n))
 
 
 def _ledger_row(rejection: Rejection) -> dict:
@@ -164,7 +190,7 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     # Beam's local runner with 2 workers lost some of it (a 20k-photo wds: build counted 13,695-
     # 19,821 inputs; the conservation check caught it). bench/RESULTS.md has the details.
     inputs = (read[SOURCE_INPUTS]
-              | "CountInputs" >> beam.CombineGlobally(CountValues()).without_defaults()
+              | "CountInputs" >> beam.CombineGlobally(SumCounts()).without_defaults()
               | "WriteInputs" >> beam.Map(outdir.write_counts, config.out, outdir.INPUTS_FILE))
 
     # One ParDo for all of them: each stage is still counted, timed and logged as its own.
@@ -186,9 +212,8 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     # What reaches the writer, per source and part: with the inputs and the ledger this proves that
     # no record was lost (inputs = ledger rows for whole records + records at the writer).
     _ = (records
-         | "PartPresence" >> beam.FlatMap(
-             lambda r, parts: [(r.source, part, part in r.parts_present()) for part in parts], config.parts)
-         | "CountPresence" >> beam.CombineGlobally(CountValues()).without_defaults()
+         | "PartPresence" >> beam.ParDo(_CountPresence(config.parts))
+         | "CountPresence" >> beam.CombineGlobally(SumCounts()).without_defaults()
          | "WritePresence" >> beam.Map(outdir.write_counts, config.out, outdir.PRESENCE_FILE))
     pieces, write_rejected, _stats = records | "Write" >> WriteParts(
         config.out, config.parts, config.limits, config.fail_writer_after)

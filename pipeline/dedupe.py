@@ -28,9 +28,8 @@ from typing import Hashable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
 
-from pipeline.beam_stage import METRIC_PREFIX, REJECTED, plan_side_input
+from pipeline.beam_stage import METRIC_PREFIX, REJECTED, BundleCounts, plan_side_input, stage_work
 from pipeline.record import Record, Reject, Rejection
 from pipeline.unionfind import UnionFind
 
@@ -277,31 +276,32 @@ def dedupe_records(records: Iterable[Record], radius: int = DEFAULT_RADIUS
     return kept, rejected
 
 
-def _info_or_nothing(record: Record) -> list[ImageInfo]:
+def _group_entries_of(record: Record, radius: int) -> list[tuple[tuple, bytes]]:
     info = image_info(record)
-    return [info] if info is not None else []
+    return group_entries(info, radius) if info is not None else []
 
 
 class _PartitionFn(beam.DoFn):
     """Records against the global plan (a side input): kept, or one rejection row."""
 
     def setup(self):
-        self.counters = {name: Metrics.counter(METRICS_NAMESPACE, name)
-                         for name in ("in", "out", "rejected", "unhashed",
-                                      "reason.duplicate", "reason.near_duplicate")}
+        self.counts = BundleCounts(METRICS_NAMESPACE)
 
     def process(self, record: Record, rejects: dict):
-        self.counters["in"].inc()
+        self.counts.add("in")
         reject = rejects.get(record.key)
         if reject is None:
             if image_info(record) is None:
-                self.counters["unhashed"].inc()  # no sha256/phash: kept, but could not be compared
-            self.counters["out"].inc()
+                self.counts.add("unhashed")  # no sha256/phash: kept, but could not be compared
+            self.counts.add("out")
             yield record
             return
-        self.counters["rejected"].inc()
-        self.counters["reason." + reject.reason].inc()
+        self.counts.add("rejected")
+        self.counts.add("reason." + reject.reason)
         yield beam.pvalue.TaggedOutput(REJECTED, Rejection.of(record, STAGE, reject))
+
+    def finish_bundle(self):
+        self.counts.flush()
 
 
 class Dedupe(beam.PTransform):
@@ -320,12 +320,11 @@ class Dedupe(beam.PTransform):
         when there are no duplicates (the side input's default {} stands in)."""
         radius = self.radius
         return (records
-                | "Info" >> beam.FlatMap(_info_or_nothing)
-                | "GroupKeys" >> beam.FlatMap(group_entries, radius)
+                | "GroupKeys" >> stage_work(STAGE, _group_entries_of, radius)
                 | "Group" >> beam.GroupByKey()
-                | "Edges" >> beam.FlatMapTuple(group_edges, radius)
+                | "Edges" >> stage_work(STAGE, group_edges, radius, star=True)
                 | "AllEdges" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
-                | "Resolve" >> beam.Map(plan_rejects))
+                | "Resolve" >> stage_work(STAGE, plan_rejects, flat=False))
 
     def expand(self, records):
         result = records | "Partition" >> beam.ParDo(

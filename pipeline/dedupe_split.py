@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
-from pipeline.beam_stage import plan_side_input
+from pipeline.beam_stage import BundleCounts, plan_side_input
 from pipeline.dedupe import METRICS_NAMESPACE, REJECTED, Dedupe, _PartitionFn
 from pipeline.split import AssignSplit
 
@@ -25,7 +24,7 @@ class _DedupeThenSplit(beam.DoFn):
     def setup(self):
         self.partition.setup()
         self.assign.setup()
-        self.micros = Metrics.counter(METRICS_NAMESPACE, "micros")  # like every stage: work time
+        self.counts = BundleCounts(METRICS_NAMESPACE)  # micros: like every stage, its work time
 
     def process(self, record, rejects: dict, roots: dict):
         start = time.perf_counter()
@@ -35,8 +34,13 @@ class _DedupeThenSplit(beam.DoFn):
                 outputs.append(out)
             else:
                 outputs += self.assign.process(out, roots)
-        self.micros.inc(int((time.perf_counter() - start) * 1e6))
+        self.counts.add_micros_since(start)
         return outputs
+
+    def finish_bundle(self):
+        self.partition.finish_bundle()
+        self.assign.finish_bundle()
+        self.counts.flush()
 
 
 class DedupeAndSplit(beam.PTransform):

@@ -25,9 +25,8 @@ from collections import Counter
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
-from pipeline.beam_stage import METRIC_PREFIX, DistinctValues, plan_side_input
+from pipeline.beam_stage import METRIC_PREFIX, BundleCounts, DistinctValues, plan_side_input, stage_work
 from pipeline.record import Record
 from pipeline.unionfind import UnionFind
 
@@ -149,14 +148,17 @@ class _AssignFn(beam.DoFn):
         self.link_km = link_km
 
     def setup(self):
-        self.counters = {name: Metrics.counter(METRICS_NAMESPACE, name) for name in SPLITS + ("in",)}
+        self.counts = BundleCounts(METRICS_NAMESPACE)
 
     def process(self, record: Record, roots: dict):
         cell = _record_cell(record, self.link_km)
         split = split_of_unit(roots.get(cell, cell), self.ratios)
-        self.counters["in"].inc()
-        self.counters[split].inc()
+        self.counts.add("in")
+        self.counts.add(split)
         yield record.replace(split=split)
+
+    def finish_bundle(self):
+        self.counts.flush()
 
 
 class AssignSplit(beam.PTransform):
@@ -177,9 +179,9 @@ class AssignSplit(beam.PTransform):
         there are no records (a combine without a default saves the runner a step; the side
         input's default {} stands in)."""
         return (records
-                | "Cell" >> beam.Map(_record_cell, self.link_km)
+                | "Cell" >> stage_work(STAGE, _record_cell, self.link_km, flat=False)
                 | "AllCells" >> beam.CombineGlobally(DistinctValues()).without_defaults()
-                | "Link" >> beam.Map(_linked_roots_logged))
+                | "Link" >> stage_work(STAGE, _linked_roots_logged, flat=False))
 
     def assign_fn(self) -> beam.DoFn:
         return _AssignFn(self.ratios, self.link_km)

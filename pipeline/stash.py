@@ -28,9 +28,8 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
-from pipeline.beam_stage import METRIC_PREFIX
+from pipeline.beam_stage import METRIC_PREFIX, BundleCounts
 from pipeline.record import Record
 
 STASH_DIR = "_tmp/records"
@@ -55,15 +54,14 @@ class BundleStash(beam.DoFn):
         self.out, self.name = out, name
 
     def setup(self):
-        self.micros = Metrics.counter(METRIC_PREFIX + self.name, "micros")
-        self.n_in = Metrics.counter(METRIC_PREFIX + self.name, "in")
+        self.counts = BundleCounts(METRIC_PREFIX + self.name)
 
     def start_bundle(self):
         self.stream, self.path, self.offset = None, None, 0
 
     def process(self, record: Record):
         start = time.perf_counter()
-        self.n_in.inc()
+        self.counts.add("in")
         if record.stash_ref is None:
             data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
             if self.stream is None:
@@ -72,7 +70,7 @@ class BundleStash(beam.DoFn):
             self.stream.write(data)
             record = thin_copy(record, f"{self.path}#{self.offset}:{len(data)}")
             self.offset += len(data)
-        self.micros.inc(int((time.perf_counter() - start) * 1e6))
+        self.counts.add_micros_since(start)
         yield record
 
     def finish_bundle(self):
@@ -80,7 +78,8 @@ class BundleStash(beam.DoFn):
             start = time.perf_counter()
             self.stream.close()
             self.stream = None
-            self.micros.inc(int((time.perf_counter() - start) * 1e6))
+            self.counts.add_micros_since(start)
+        self.counts.flush()
 
 
 # What dedupe (hashes, original size) and the writer's planning (JPEG size) read of record.image.
