@@ -23,6 +23,9 @@ SPLIT_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
 OTHER_COLOUR = "#7f7f7f"        # a split name outside SPLITS (should not happen; still drawn)
 OUTLINE_TOLERANCE_DEG = 0.1     # 1:10m outlines have ~550k vertices; ~40k draw in a blink
 DPI = 100
+MAX_DOTS = 100_000              # more samples: a density map (see world_map)
+DOT_SIZE = 12 ** 0.5            # points: the dots of a scatter of size 12 (an area in points^2)
+DENSITY_CELL_DEG = 1.0
 PLOT_NAMES = ("world_map.png", "countries.png", "splits.png", "rejections.png")
 
 
@@ -94,8 +97,10 @@ def _figure(width: float, height: float):
     return fig
 
 
-def world_map(rows: list[dict]):
-    """Sample locations (lon, lat) on country outlines, one colour per split."""
+def world_map(located):
+    """Sample locations on country outlines: each sample a dot coloured by split, or, past
+    MAX_DOTS samples (where dots only pile up and take long to draw: GaGA's corpus has millions),
+    the count per DENSITY_CELL_DEG cell on a log scale. `located`: a table with split, lat, lon."""
     import numpy as np
 
     fig = _figure(12, 6.5)
@@ -104,21 +109,39 @@ def world_map(rows: list[dict]):
     # converts one masked array at a time: a sixth of the plots' time).
     gap = np.full((1, 2), np.nan)
     joined = np.concatenate([piece for line in country_outlines() for piece in (line, gap)] or [gap])
-    ax.plot(joined[:, 0], joined[:, 1], color="#b0b0b0", linewidth=0.4, zorder=1, gid="outlines")
-    by_split: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        by_split.setdefault(r["split"], []).append((r["lon"], r["lat"]))
-    for split in sorted(by_split, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s)):
-        lons, lats = zip(*by_split[split])
-        ax.scatter(lons, lats, s=12, color=SPLIT_COLOURS.get(split, OTHER_COLOUR), label=f"{split} ({len(lons)})",
-                   zorder=2, edgecolors="none", gid=f"samples-{split}")
+    outlines, = ax.plot(joined[:, 0], joined[:, 1], color="#b0b0b0", linewidth=0.4, zorder=1, gid="outlines")
+    lons = located.column("lon").to_numpy(zero_copy_only=False)
+    lats = located.column("lat").to_numpy(zero_copy_only=False)
+    splits = located.column("split").to_numpy(zero_copy_only=False)
+    names = sorted(set(splits.tolist()), key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
+    if len(lons) <= MAX_DOTS:
+        for split in names:
+            mine = splits == split
+            # Markers of one line, stamped: ~1/3 less drawing than a scatter's path collection.
+            ax.plot(lons[mine], lats[mine], linestyle="none", marker="o", markersize=DOT_SIZE, markeredgewidth=0,
+                    color=SPLIT_COLOURS.get(split, OTHER_COLOUR), label=f"{split} ({int(mine.sum())})",
+                    zorder=2, gid=f"samples-{split}")
+        ax.legend(loc="lower left", title="split")
+        title = f"Sample locations ({len(lons)})"
+    else:
+        from matplotlib.colors import LogNorm
+
+        edges_lon = np.arange(-180, 180 + DENSITY_CELL_DEG, DENSITY_CELL_DEG)
+        edges_lat = np.arange(-90, 90 + DENSITY_CELL_DEG, DENSITY_CELL_DEG)
+        counts, _, _ = np.histogram2d(lats, lons, bins=(edges_lat, edges_lon))
+        image = ax.imshow(np.ma.masked_equal(counts, 0), origin="lower", extent=(-180, 180, -90, 90),
+                          norm=LogNorm(vmin=1, vmax=max(1.0, counts.max())), cmap="viridis",
+                          interpolation="nearest", zorder=2, gid="samples-density")
+        fig.colorbar(image, ax=ax, shrink=0.7, label=f"samples per {DENSITY_CELL_DEG:g} degree cell")
+        outlines.set_zorder(3)  # over the cells: the borders stay readable where samples are dense
+        per_split = ", ".join(f"{split} {int((splits == split).sum())}" for split in names)
+        title = f"Sample locations ({len(lons)}: {per_split})"
     ax.set_xlim(-180, 180)
     ax.set_ylim(-90, 90)
     ax.set_aspect("equal")
     ax.set_xlabel("longitude")
     ax.set_ylabel("latitude")
-    ax.set_title(f"Sample locations ({len(rows)})")
-    ax.legend(loc="lower left", title="split")
+    ax.set_title(title)
     return fig
 
 
@@ -201,7 +224,7 @@ def plot_jobs(out: str, report: dict) -> list[tuple]:
     if stale:
         FileSystems.delete(stale)
     plots = [
-        ("world_map.png", world_map, located.select(["split", "lat", "lon"]).to_pylist()),
+        ("world_map.png", world_map, located.select(["split", "lat", "lon"])),
         ("countries.png", functools.partial(countries_bar, part=part),
          [{"country_code": cc, "country": name, "n": n}
           for (cc, name), n in count_by(in_part, ["country_code", "country"]).items()]),
@@ -209,7 +232,7 @@ def plot_jobs(out: str, report: dict) -> list[tuple]:
          [{"part": p, "split": sp, "n": n} for (p, sp), n in count_by(manifest, ["part", "split"]).items()]),
         ("rejections.png", rejections_bar, ledger),
     ]
-    return [job for job in plots if job[2]]
+    return [job for job in plots if len(job[2])]
 
 
 def save_plot(out: str, job: tuple) -> str:

@@ -35,7 +35,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def _pixel_colours(png: Path, rows: list[dict], lon: float, lat: float) -> set[tuple[int, int, int]]:
     """RGB colours in a 5x5 box around where (lon, lat) lands in the saved map."""
-    fig = stats.world_map(rows)  # same rows -> same layout as the saved file
+    fig = stats.world_map(pa.Table.from_pylist(rows).select(["split", "lat", "lon"]))  # the saved file's layout
     fig.canvas.draw()
     x, y = fig.axes[0].transData.transform((lon, lat))
     with Image.open(png) as im:
@@ -121,6 +121,34 @@ def test_splits_get_their_own_colours_and_no_ledger_skips_rejections(tmp_path):
         assert _rgb(stats.SPLIT_COLOURS[split]) in colours, split
         others = {_rgb(c) for s, c in stats.SPLIT_COLOURS.items() if s != split}
         assert not colours & others, split
+
+
+def test_a_map_of_more_samples_than_dots_shows_their_density(tmp_path, monkeypatch):
+    """Past MAX_DOTS (millions of samples in a real corpus) the map counts samples per cell."""
+    import numpy as np
+
+    monkeypatch.setattr(stats, "MAX_DOTS", 500)
+    rng = np.random.default_rng(7)
+    n = 2000  # around Nairobi, a dense few cells; one lone sample off Chile
+    lats, lons = np.append(rng.normal(-1.29, 0.8, n), -30.5), np.append(rng.normal(36.82, 0.8, n), -75.5)
+    table = pa.table({"split": ["train"] * n + ["test"], "lat": lats, "lon": lons})
+    fig = stats.world_map(table)
+    assert [a.get_gid() for a in fig.axes[0].get_images()] == ["samples-density"]
+    assert fig.axes[0].get_title() == f"Sample locations ({n + 1}: train {n}, test 1)"
+    assert len(fig.axes) == 2  # the map and its colour bar
+    png = tmp_path / "map.png"
+    fig.savefig(png, dpi=stats.DPI)
+    fig.canvas.draw()
+    with Image.open(png) as im:
+        rgb = im.convert("RGB")
+
+    def colour_at(lon, lat):
+        x, y = fig.axes[0].transData.transform((lon, lat))
+        return rgb.getpixel((round(x), round(rgb.height - y)))
+
+    background = colour_at(-150.0, 0.0)  # the empty Pacific
+    assert colour_at(36.82, -1.29) != background and colour_at(-75.5, -30.5) != background
+    assert colour_at(36.82, -1.29) != colour_at(-75.5, -30.5)  # many samples, one sample: other colours
 
 
 def test_empty_build_makes_no_plots_and_a_card_without_them(tmp_path):
