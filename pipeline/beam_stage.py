@@ -158,38 +158,40 @@ class _StageChainDoFn(beam.DoFn):
     def process(self, record):
         return self._run(0, [record], flush=False)
 
-    def _run(self, first: int, records: list, flush: bool) -> list:
-        """Outputs of `records` entering stage `first` (records held by a batched stage stay held
-        unless `flush`)."""
-        outputs = []
+    def _run(self, first: int, records: list, flush: bool):
+        """Outputs of `records` entering stage `first`, yielded as each is done: after a batched
+        stage its records go on one at a time, so the stages after it never hold a whole batch
+        of changed records (a batch of photos with their new JPEGs: ~60 MB more at the peak).
+        A batched stage holds records until it has a batch, or runs what it holds if `flush`
+        (for stage `first` only: later ones keep theirs for finish_bundle to flush in order)."""
         for i in range(first, len(self.stages)):
             stage = self.stages[i]
             if stage.batch_size:
                 held = self.waiting[i]
                 held += records
-                if len(held) < stage.batch_size and not flush:
-                    return outputs
-                records, self.waiting[i] = held, []
-                if not records:
-                    return outputs
+                if not held or (len(held) < stage.batch_size and not (flush and i == first)):
+                    return
+                self.waiting[i] = []
+                kept, rejected = self.tallies[i].run(held)
+                yield from _rejected(rejected)
+                for record in kept:
+                    yield from self._run(i + 1, [record], flush=False)
+                return
             records, rejected = self.tallies[i].run(records)
-            outputs += _rejected(rejected)
+            yield from _rejected(rejected)
             if not records:
-                return outputs
-        return outputs + records
+                return
+        yield from records
 
     def finish_bundle(self):
-        outputs = []
         for i in range(len(self.stages)):
-            if self.waiting[i]:
-                outputs += self._run(i, [], flush=True)
+            for out in self._run(i, [], flush=True):
+                if isinstance(out, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+                else:
+                    yield GlobalWindows.windowed_value(out)
         for tally in self.tallies:
             tally.flush()
-        for out in outputs:
-            if isinstance(out, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
-            else:
-                yield GlobalWindows.windowed_value(out)
 
     def teardown(self):
         for stage in self.stages:
