@@ -260,13 +260,17 @@ class _TimedFn(beam.DoFn):
     def setup(self):
         self.counts = BundleCounts(METRIC_PREFIX + self.name)
 
-    def process(self, element):
+    def process(self, element, *side_inputs):
         start = time.perf_counter()
-        out = self.fn(*element, *self.args) if self.star else self.fn(element, *self.args)
+        if self.star:
+            out = self.fn(*element, *self.args, *side_inputs)
+        else:
+            out = self.fn(element, *self.args, *side_inputs)
+        out = list(out) if self.flat else [out]  # a generator's work is done here, timed
         self.counts.add_micros_since(start)
         if self.count_in:
             self.counts.add("in")
-        return out if self.flat else [out]
+        return out
 
     def finish_bundle(self):
         self.counts.flush()
@@ -285,11 +289,12 @@ class TimedMap(beam.PTransform):
         return elements | "Run" >> beam.ParDo(_TimedFn(self.name, self.fn, self.args, False, False, True))
 
 
-def stage_work(name: str, fn, *args, flat: bool = True, star: bool = False):
+def stage_work(name: str, fn, *args, flat: bool = True, star: bool = False, side_inputs: tuple = ()):
     """beam.FlatMap(fn, *args) (or FlatMapTuple with star, Map without flat) for a global
-    stage's own steps (dedupe's and split's plans): its time is the stage's work, counted in
-    mg_geo.<name>.micros with the rest of the stage's, not its element count."""
-    return beam.ParDo(_TimedFn(name, fn, args, flat, star, False))
+    stage's own steps (dedupe's and split's plans, the writer's planning): its time is the
+    stage's work, counted in mg_geo.<name>.micros with the rest of the stage's, not its element
+    count. Side inputs come after args."""
+    return beam.ParDo(_TimedFn(name, fn, args, flat, star, False), *side_inputs)
 
 
 def plan_side_input(plan):

@@ -17,13 +17,15 @@ import jsonschema
 from apache_beam.metrics import Metrics
 
 from pipeline import manifest, parquet_pieces, writer
-from pipeline.beam_stage import plan_side_input, settle_worker_heap
+from pipeline.beam_stage import METRIC_PREFIX, plan_side_input, settle_worker_heap, stage_work
 from pipeline.data_files import load_json
 from pipeline.record import Record, Reject, Rejection
 from pipeline.stash import StashReader, stash
 
 log = logging.getLogger(__name__)
 RECORD_SCHEMA = "schemas/record.schema.json"
+
+STAGE = "write"  # metrics namespace mg_geo.write, as for every stage
 
 
 def _bucket(key: str, n: int) -> int:
@@ -54,11 +56,11 @@ class _WriteGroups(beam.DoFn):
     def setup(self):
         parquet_pieces.use_system_allocator()
         self.checker = SampleChecker(load_json(RECORD_SCHEMA))
-        self.n_samples = Metrics.counter("mg_geo.write", "samples")
-        self.n_shards = Metrics.counter("mg_geo.write", "shards")
-        self.n_rejected = Metrics.counter("mg_geo.write", "rejected")
-        self.n_in = Metrics.counter("mg_geo.write", "in")
-        self.micros = Metrics.counter("mg_geo.write", "micros")  # like every stage: work time
+        self.n_samples = Metrics.counter(METRIC_PREFIX + STAGE, "samples")
+        self.n_shards = Metrics.counter(METRIC_PREFIX + STAGE, "shards")
+        self.n_rejected = Metrics.counter(METRIC_PREFIX + STAGE, "rejected")
+        self.n_in = Metrics.counter(METRIC_PREFIX + STAGE, "in")
+        self.micros = Metrics.counter(METRIC_PREFIX + STAGE, "micros")  # like every stage: work time
         settle_worker_heap()
 
     def process(self, element, numbering):
@@ -146,6 +148,21 @@ def _chunk_ids(element, limits):
         yield (part, split, bucket, i)
 
 
+def _count_and_size(sample):
+    group, (_key, size, _stash_ref) = sample
+    return group, (1, size)
+
+
+def _bucket_count(group_sizes, limits):
+    group, (n, size) = group_sizes
+    return group, writer.bucket_count(n, size, limits)
+
+
+def _to_bucket(sample, buckets: dict):
+    (part, split), slot = sample
+    return (part, split, _bucket(slot[0], buckets[(part, split)])), slot
+
+
 def _number(chunk_ids) -> dict:
     numbering, next_number = {}, {}
     for part, split, bucket, i in sorted(chunk_ids):
@@ -163,22 +180,20 @@ class WriteParts(beam.PTransform):
         self.out, self.parts, self.limits, self.fail_after = out, tuple(parts), limits, fail_after
 
     def expand(self, records):
+        # The planning steps are the writer's own work: timed as mg_geo.write.micros.
         limits = self.limits
-        samples = records | "BySample" >> beam.FlatMap(_samples, self.parts, self.out)
+        samples = records | "BySample" >> stage_work(STAGE, _samples, self.parts, self.out)
         sizes = (samples
-                 | "Size" >> beam.Map(lambda kv: (kv[0], (1, kv[1][1])))
+                 | "Size" >> stage_work(STAGE, _count_and_size, flat=False)
                  | "SumSizes" >> beam.CombinePerKey(_sum_pairs))
-        buckets = sizes | "Buckets" >> beam.Map(
-            lambda kv: (kv[0], writer.bucket_count(kv[1][0], kv[1][1], limits)))
+        buckets = sizes | "Buckets" >> stage_work(STAGE, _bucket_count, limits, flat=False)
         grouped = (samples
-                   | "ToBucket" >> beam.Map(
-                       lambda kv, nb: ((kv[0][0], kv[0][1], _bucket(kv[1][0], nb[kv[0]])), kv[1]),
-                       nb=beam.pvalue.AsDict(buckets))
+                   | "ToBucket" >> stage_work(STAGE, _to_bucket, flat=False, side_inputs=(beam.pvalue.AsDict(buckets),))
                    | "GroupBucket" >> beam.GroupByKey())
         numbering = (grouped
-                     | "ChunkIds" >> beam.FlatMap(_chunk_ids, limits)
+                     | "ChunkIds" >> stage_work(STAGE, _chunk_ids, limits)
                      | "AllChunks" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
-                     | "Number" >> beam.Map(_number))
+                     | "Number" >> stage_work(STAGE, _number, flat=False))
         result = grouped | "WriteShards" >> beam.ParDo(
             _WriteGroups(self.out, limits, self.fail_after), plan_side_input(numbering)
         ).with_outputs(_WriteGroups.REJECTED, _WriteGroups.STATS, main="manifest_pieces")
