@@ -18,7 +18,7 @@ import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.transforms.window import GlobalWindows
 
-from pipeline import forked_workers, manifest, outdir, parquet_pieces, writer
+from pipeline import beam_tuning, forked_workers, manifest, outdir, parquet_pieces, writer
 from pipeline.beam_stage import METRIC_PREFIX, ApplyStages, BundleCounts, SumCounts, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
@@ -34,6 +34,7 @@ from pipeline.validate import ValidateStage
 from pipeline.write_parts import WriteParts
 
 log = logging.getLogger(__name__)
+beam_tuning.limit_output_buffers()  # before any worker is forked or runs in this process
 
 LEDGER_SCHEMA = pa.schema([(name, pa.string()) for name in
                            ("source", "input_id", "key", "stage", "reason", "detail", "part")])
