@@ -9,8 +9,9 @@ worker, tens of MB of native memory sat in half-full streams: on a 20k-photo bui
 491-495 MiB with 10 MB and 475-482 MiB with 1 MB (bench/bench_memory.py), at the same speed. Gaps
 between flushes of 1 MB are still far above gRPC's per-message costs.
 
-Applied when this module is imported (by pipeline.build): the in-process runner and the workers
-forked from the build's process use it; fresh interpreters and remote workers keep Beam's own.
+Applied by run_build before it forks its workers: the in-process runner and the workers forked
+from the build's process use it; fresh interpreters and remote workers keep Beam's own. (It
+changes the process's Beam for good: a build's process is one that builds.)
 If a Beam release changes these streams, nothing is changed (and the log says so)."""
 from __future__ import annotations
 

@@ -34,7 +34,6 @@ from pipeline.validate import ValidateStage
 from pipeline.write_parts import WriteParts
 
 log = logging.getLogger(__name__)
-beam_tuning.limit_output_buffers()  # before any worker is forked or runs in this process
 
 LEDGER_SCHEMA = pa.schema([(name, pa.string()) for name in
                            ("source", "input_id", "key", "stage", "reason", "detail", "part")])
@@ -288,6 +287,7 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
         from pipeline.llm_parts import check_llm
         check_llm(config)
     parquet_pieces.use_system_allocator()  # the merge, the ledger and the report run in this process
+    beam_tuning.limit_output_buffers()  # before any worker is forked from or runs in this process
     options = BuildOptions(beam_args)
     dry_run = options.view_as(TestOptions).dry_run
     if not dry_run:
