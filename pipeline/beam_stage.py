@@ -62,9 +62,8 @@ class BundleCounts:
 
 
 class _Tally:
-    """One stage's counts and time in a worker: summed here and handed to Beam's counters once
-    per bundle (an inc per element and counter was ~4% of a worker's time on the 20k build), and
-    logged as progress while the job runs (metrics are only queryable from the result afterwards)."""
+    """One stage's counts and time in a worker (BundleCounts), and its progress log while the
+    job runs (metrics are only queryable from the result afterwards)."""
 
     def __init__(self, stage: Stage):
         self.stage = stage
@@ -253,7 +252,7 @@ class _TimedFn(beam.DoFn):
     """fn over each element, its time (and, for a step of its own, the element count) summed in
     the worker and handed to mg_geo.<name>.* once per bundle."""
 
-    def __init__(self, name: str, fn, args: tuple, flat: bool, star: bool, count_in: bool):
+    def __init__(self, name: str, fn, args: tuple, *, flat: bool, star: bool, count_in: bool):
         self.name, self.fn, self.args = name, fn, args
         self.flat, self.star, self.count_in = flat, star, count_in
 
@@ -286,7 +285,7 @@ class TimedMap(beam.PTransform):
         self.name, self.fn, self.args = name, fn, args
 
     def expand(self, elements):
-        return elements | "Run" >> beam.ParDo(_TimedFn(self.name, self.fn, self.args, False, False, True))
+        return elements | "Run" >> beam.ParDo(_TimedFn(self.name, self.fn, self.args, flat=False, star=False, count_in=True))
 
 
 def stage_work(name: str, fn, *args, flat: bool = True, star: bool = False, side_inputs: tuple = ()):
@@ -294,7 +293,7 @@ def stage_work(name: str, fn, *args, flat: bool = True, star: bool = False, side
     stage's own steps (dedupe's and split's plans, the writer's planning): its time is the
     stage's work, counted in mg_geo.<name>.micros with the rest of the stage's, not its element
     count. Side inputs come after args."""
-    return beam.ParDo(_TimedFn(name, fn, args, flat, star, False), *side_inputs)
+    return beam.ParDo(_TimedFn(name, fn, args, flat=flat, star=star, count_in=False), *side_inputs)
 
 
 def plan_side_input(plan):

@@ -21,12 +21,12 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Optional
 
+from pipeline import forked_workers
 from pipeline.download import DownloadIncomplete, PreparedDownload, sibling_parquet
 
 log = logging.getLogger(__name__)
@@ -98,19 +98,7 @@ class BackgroundDownload:
     def __init__(self, download: PreparedDownload):
         self.download = download
         self.status_path = os.path.join(download.tmp, STATUS_FILE)
-        sys.stdout.flush()
-        sys.stderr.flush()  # unwritten buffers would be written twice, once by each process
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: never returns into the parent's code
-            code = 1
-            try:
-                # A group of its own with img2dataset's processes, so that stop() ends them all.
-                os.setpgid(0, 0)
-                code = _child(download, self.status_path)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        self.pid = forked_workers.fork_child(self._in_child)
         try:
             os.setpgid(self.pid, self.pid)  # also here: stop() may come before the child's own call
         except OSError:
@@ -119,6 +107,11 @@ class BackgroundDownload:
         self.exit_code: Optional[int] = None
         log.info("downloading %s in process %d while the build reads its finished shards",
                  download.spec, self.pid)
+
+    def _in_child(self) -> int:
+        # A group of its own with img2dataset's processes, so that stop() ends them all.
+        os.setpgid(0, 0)
+        return _child(self.download, self.status_path)
 
     def _join(self) -> int:
         if self.exit_code is None:

@@ -32,6 +32,7 @@ import sys
 import threading
 import traceback
 import uuid
+from typing import Callable
 
 import grpc
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
@@ -333,6 +334,29 @@ def pool_size(options: PipelineOptions, runner_given: bool, workers_use_torch: b
     if not may_fork("workers", workers_use_torch):
         return 0
     return direct.direct_num_workers or os.cpu_count() or 1
+
+
+def fork_child(target: Callable[[], int]) -> int:
+    """Fork a helper (the plots', a download's): the child runs target() and exits with the
+    status it returns (1 and a traceback if it raises); the parent gets the child's pid. The
+    child leaves with os._exit: the parent's atexit handlers, buffers and final collections are
+    not its own. Call it only where may_fork() said yes."""
+    sys.stdout.flush()
+    sys.stderr.flush()  # unwritten buffers would be written twice, once by each process
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = target()
+        except BaseException:  # noqa: BLE001 - reported, then the exit status says it failed
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    return pid
 
 
 def may_fork(what: str, workers_use_torch: bool = False, otherwise: str = "start as fresh interpreters") -> bool:

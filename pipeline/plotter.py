@@ -16,11 +16,10 @@ import io
 import logging
 import os
 import pickle
-import sys
 import traceback
 from typing import Optional
 
-from pipeline import stats
+from pipeline import forked_workers, stats
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +42,12 @@ def draw_two_at_a_time(out: str, report: dict) -> list[str]:
     jobs = stats.plot_jobs(out, report)
     if len(jobs) < 2:
         return [stats.save_plot(out, job) for job in jobs]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            stats.save_plot(out, jobs[0])
-            code = 0
-        except BaseException:  # noqa: BLE001 - the exit status says it; the build draws again
-            traceback.print_exc()
-        finally:
-            os._exit(code)
+
+    def draw_first() -> int:
+        stats.save_plot(out, jobs[0])
+        return 0
+
+    pid = forked_workers.fork_child(draw_first)
     rest = [stats.save_plot(out, job) for job in jobs[1:]]
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -94,16 +87,14 @@ class Plotter:
     def __init__(self, close_in_child: list[int] = ()):
         requests_read, requests_write = os.pipe()
         answers_read, answers_write = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: never returns
-            try:
-                for fd in (requests_write, answers_read, *close_in_child):
-                    os.close(fd)  # held open here, a pipe of the parent's would never reach EOF
-                _serve(requests_read, answers_write)
-            finally:
-                os._exit(0)
+
+        def serve() -> int:
+            for fd in (requests_write, answers_read, *close_in_child):
+                os.close(fd)  # held open here, a pipe of the parent's would never reach EOF
+            _serve(requests_read, answers_write)
+            return 0
+
+        self.pid = forked_workers.fork_child(serve)
         os.close(requests_read)
         os.close(answers_write)
         self._requests = os.fdopen(requests_write, "wb")

@@ -67,8 +67,9 @@ def register(sub) -> None:
     p.add_argument("--id-column", help="table: id column (auto: id, key, image_id)")
     g = p.add_argument_group("URL tables (img2dataset; the `download` extra)")
     g.add_argument("--download", action="store_true",
-                   help="fetch the images of every table: source first (as `mg-geo download` does) into "
-                        "OUT/_download/, kept across runs so a rerun resumes; failed URLs become ledger rows")
+                   help="fetch the images of every table: source (as `mg-geo download` does) into "
+                        "OUT/_download/, kept across runs so a rerun resumes; failed URLs become ledger rows. "
+                        "On the local runner the build reads each shard as soon as it is downloaded")
     g.add_argument("--download-processes", type=positive_int, default=1, help="download processes (default 1)")
     g.add_argument("--download-threads", type=positive_int, default=32, help="threads per process (default 32)")
     g.add_argument("--download-timeout", type=float, default=10.0, help="seconds per request (default 10)")
@@ -128,10 +129,13 @@ def download_tables(config, args, stack: contextlib.ExitStack) -> tuple[list[str
             config.shard_waits[download.wds_spec] = running.wait
             background.append(running)
         else:
-            summary = download.run()
-            log.info("downloaded %s: %s", spec, {k: summary[k] for k in ("rows", "downloaded")})
+            _log_download(spec, download.run())
         sources[i] = download.wds_spec
     return sources, background
+
+
+def _log_download(spec: str, summary: dict) -> None:
+    log.info("downloaded %s: %s", spec, {k: summary[k] for k in ("rows", "downloaded")})
 
 
 def run(args) -> int:
@@ -151,13 +155,12 @@ def run(args) -> int:
                 # A shard img2dataset gave up on fails the job where a worker waited for it: the
                 # download's own report says why, as it would before a build.
                 for running in background:
-                    if running.failed():
-                        raise DownloadIncomplete(running.failed()) from exc
+                    why = running.failed()
+                    if why:
+                        raise DownloadIncomplete(why) from exc
                 raise
             for running in background:
-                summary = running.finish()
-                log.info("downloaded %s: %s", running.download.spec,
-                         {k: summary[k] for k in ("rows", "downloaded")})
+                _log_download(running.download.spec, running.finish())
     except BadArgument as exc:
         # A bad argument: one clear message, no traceback, nothing built.
         print(f"mg-geo build: error: {exc}", file=sys.stderr)

@@ -18,12 +18,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import tar_reader
 from pipeline.download import failed_downloads
-
-if TYPE_CHECKING:
-    from pipeline.download_background import ShardWait
 from pipeline.record import Record, Reject, make_key
 from pipeline.sources.base import IMAGE_EXTENSIONS, Source, SourceError, relative_to
 from pipeline.sources.columns import LAT_COLUMNS, LON_COLUMNS, open_decompressed, value_text
+
+if TYPE_CHECKING:
+    from pipeline.download_background import ShardWait
 
 IMAGE_SUFFIXES = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # preference order
 _GLOB = re.compile(r"[*?\[]")
