@@ -97,17 +97,17 @@ class ForkedWorkers:
 
     def _fork(self) -> _Child:
         read_fd, write_fd = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns
+
+        def child() -> int:
             # Its collector leaves the inherited heap alone (freeze only relinks lists): walking
             # it would write to every object's header and copy the parent's pages for nothing.
             gc.freeze()
             os.close(write_fd)
             for sibling in self._free:  # a sibling's pipe held open here would never reach EOF
                 os.close(sibling.write_fd)
-            _child_main(read_fd)
+            return _child_main(read_fd)
+
+        pid = fork_child(child)
         os.close(read_fd)
         return _Child(pid, write_fd)
 
@@ -136,31 +136,19 @@ class ForkedWorkers:
             child.wait()
 
 
-def _child_main(read_fd: int) -> None:
-    """A forked child: wait for a worker's environment, run the SDK harness, exit."""
+def _child_main(read_fd: int) -> int:
+    """A forked child: wait for a worker's environment, run the SDK harness; the exit status."""
     global IN_FORKED_WORKER
-    code = 1
-    try:
-        chunks = []
-        while chunk := os.read(read_fd, 65536):
-            chunks.append(chunk)
-        os.close(read_fd)
-        if not chunks:  # the build ended without needing this worker
-            code = 0
-            return
-        os.environ.update(json.loads(b"".join(chunks)))
-        IN_FORKED_WORKER = True
-        run_harness()
-        code = 0
-    except BaseException:  # noqa: BLE001 - reported, then the exit status says it failed
-        traceback.print_exc()
-    finally:
-        # os._exit: the parent's atexit handlers, buffers and final collections are not ours.
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+    chunks = []
+    while chunk := os.read(read_fd, 65536):
+        chunks.append(chunk)
+    os.close(read_fd)
+    if not chunks:  # the build ended without needing this worker
+        return 0
+    os.environ.update(json.loads(b"".join(chunks)))
+    IN_FORKED_WORKER = True
+    run_harness()
+    return 0
 
 
 def run_harness() -> None:
@@ -337,10 +325,10 @@ def pool_size(options: PipelineOptions, runner_given: bool, workers_use_torch: b
 
 
 def fork_child(target: Callable[[], int]) -> int:
-    """Fork a helper (the plots', a download's): the child runs target() and exits with the
-    status it returns (1 and a traceback if it raises); the parent gets the child's pid. The
-    child leaves with os._exit: the parent's atexit handlers, buffers and final collections are
-    not its own. Call it only where may_fork() said yes."""
+    """Fork a child (a Beam worker, the plots' process, a download): it runs target() and exits
+    with the status it returns (1 and a traceback if it raises); the parent gets the child's pid.
+    The child leaves with os._exit: the parent's atexit handlers, buffers and final collections
+    are not its own. Call it only where may_fork() said yes."""
     sys.stdout.flush()
     sys.stderr.flush()  # unwritten buffers would be written twice, once by each process
     pid = os.fork()
