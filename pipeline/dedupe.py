@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import functools
 import struct
+import time
+import zlib
 from typing import Hashable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.beam_stage import METRIC_PREFIX, REJECTED, BundleCounts, plan_side_input, stage_work
 from pipeline.record import Record, Reject, Rejection
@@ -276,9 +279,94 @@ def dedupe_records(records: Iterable[Record], radius: int = DEFAULT_RADIUS
     return kept, rejected
 
 
-def _group_entries_of(record: Record, radius: int) -> list[tuple[tuple, bytes]]:
-    info = image_info(record)
-    return group_entries(info, radius) if info is not None else []
+# The group-by moves shards of groups, packed, not one element per group entry: every image
+# joins radius+1 band groups and its sha256 group, so 20k records made 120k entries in ~44k
+# groups; the local runner held each entry as a Python object until the group-by was read
+# (~20 MiB at 20k, the build's peak) and Beam encoded each entry on its own. A group's shard is
+# a few bits of its hash; a worker appends the members it makes to one byte string per shard and
+# hands those over once per bundle (or when one grows past SHARD_FLUSH_BYTES), so the group-by
+# holds a few hundred byte strings. The shard step splits them into the groups again.
+SHARD_BITS = 4
+SHARD_FLUSH_BYTES = 1 << 18
+_SHARD_MASK = (1 << SHARD_BITS) - 1
+_MEMBER_LENGTH = struct.Struct(">I")
+
+
+def shard_of(group: tuple) -> tuple:
+    """("sha", n) or ("band", band index, n): the shard (n < 2**SHARD_BITS) a group is moved in."""
+    if group[0] == "sha":
+        return ("sha", zlib.crc32(group[1].encode("utf-8")) & _SHARD_MASK)
+    return ("band", group[1], group[2] & _SHARD_MASK)
+
+
+def pack_shard(members: Iterable[bytes]) -> bytes:
+    return b"".join(_MEMBER_LENGTH.pack(len(m)) + m for m in members)
+
+
+def unpack_shard(blob: bytes) -> Iterable[bytes]:
+    at, size = 0, len(blob)
+    while at < size:
+        (length,) = _MEMBER_LENGTH.unpack_from(blob, at)
+        at += _MEMBER_LENGTH.size
+        yield blob[at:at + length]
+        at += length
+
+
+def _group_of(shard: tuple, member: bytes, radius: int) -> tuple:
+    """The group a member of this shard was made for (the inverse of group_entries' keys)."""
+    phash, _, _, n_sha = _MEMBER_HEAD.unpack_from(member)
+    if shard[0] == "sha":
+        return ("sha", member[_MEMBER_HEAD.size:_MEMBER_HEAD.size + n_sha].decode("utf-8"))
+    shift, width = band_layout(radius)[shard[1]]
+    return ("band", shard[1], (phash >> shift) & ((1 << width) - 1))
+
+
+def shard_edges(shard: tuple, blobs: Iterable[bytes], radius: int = DEFAULT_RADIUS
+                ) -> list[tuple[ImageInfo, ImageInfo]]:
+    """`group_edges` of every group in one shard (blobs as `pack_shard` made them)."""
+    groups: dict[tuple, list[bytes]] = {}
+    for blob in blobs:
+        for member in unpack_shard(blob):
+            groups.setdefault(_group_of(shard, member, radius), []).append(member)
+    return [edge for group, members in groups.items() if len(members) > 1
+            for edge in group_edges(group, members, radius)]
+
+
+class _ShardedEntries(beam.DoFn):
+    """records -> (shard, packed members), each shard's members of a bundle in one element.
+    Its time is dedupe's work."""
+
+    def __init__(self, radius: int):
+        self.radius = radius
+
+    def setup(self):
+        self.counts = BundleCounts(METRICS_NAMESPACE)
+
+    def start_bundle(self):
+        self.shards: dict[tuple, bytearray] = {}
+
+    def process(self, record: Record):
+        start = time.perf_counter()
+        info = image_info(record)
+        full = []
+        for group, member in (group_entries(info, self.radius) if info is not None else ()):
+            shard = shard_of(group)
+            packed = self.shards.get(shard)
+            if packed is None:
+                packed = self.shards[shard] = bytearray()
+            packed += _MEMBER_LENGTH.pack(len(member))
+            packed += member
+            if len(packed) >= SHARD_FLUSH_BYTES:  # bounds a worker's memory on a big bundle
+                full.append((shard, bytes(packed)))
+                del self.shards[shard]
+        self.counts.add_micros_since(start)
+        return full
+
+    def finish_bundle(self):
+        for shard, packed in self.shards.items():
+            yield GlobalWindows.windowed_value((shard, bytes(packed)))
+        self.shards = {}
+        self.counts.flush()
 
 
 class _PartitionFn(beam.DoFn):
@@ -320,9 +408,9 @@ class Dedupe(beam.PTransform):
         when there are no duplicates (the side input's default {} stands in)."""
         radius = self.radius
         return (records
-                | "GroupKeys" >> stage_work(STAGE, _group_entries_of, radius)
+                | "ShardEntries" >> beam.ParDo(_ShardedEntries(radius))
                 | "Group" >> beam.GroupByKey()
-                | "Edges" >> stage_work(STAGE, group_edges, radius, star=True)
+                | "Edges" >> stage_work(STAGE, shard_edges, radius, star=True)
                 | "AllEdges" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
                 | "Resolve" >> stage_work(STAGE, plan_rejects, flat=False))
 

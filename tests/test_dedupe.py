@@ -16,7 +16,8 @@ from pipeline import dedupe
 from pipeline.beam_stage import stage_metrics
 from pipeline.dedupe import (Dedupe, ImageInfo, band_keys, band_layout, dedupe_records,
                              edges_in_group, find_duplicates, group_edges, group_entries,
-                             image_info, pack_member, plan_rejects, resolve, unpack_member)
+                             image_info, pack_member, pack_shard, plan_rejects, resolve, shard_edges,
+                             shard_of, unpack_member, unpack_shard)
 from pipeline.record import Record
 from pipeline.unionfind import UnionFind
 
@@ -44,6 +45,19 @@ def synthetic(key: str, phash: int, sha: str = "", area: int = 100) -> Record:
     return Record(key=key, source="test", input_id=key,
                   image={"sha256": sha or hashlib.sha256(key.encode()).hexdigest(),
                          "phash": f"{phash:016x}", "orig_width": area, "orig_height": 1})
+
+
+def clustered_infos(seed: int = 7) -> list[ImageInfo]:
+    """Clusters of near hashes, some pairs beyond the radius, some exact byte copies."""
+    rng = random.Random(seed)
+    infos = []
+    for c in range(60):
+        centre = rng.getrandbits(64)
+        for m in range(rng.randint(1, 8)):
+            sha = f"sha-{c}" if m < 2 and c % 3 == 0 else f"sha-{c}-{m}"
+            infos.append(ImageInfo(f"c{c:02d}m{m}", sha, flip(centre, rng.randint(0, 6), rng),
+                                   rng.choice([100, 200, 300])))
+    return infos
 
 
 def jpeg(im: Image.Image, quality: int = 60) -> bytes:
@@ -124,14 +138,7 @@ def test_edges_in_group_equals_brute_force(monkeypatch, block_cells):
 def test_find_duplicates_matches_all_pairs_on_clustered_hashes():
     """Many clusters of near hashes (some pairs beyond the radius, some exact byte copies):
     the banded search yields exactly the components of the all-pairs comparison."""
-    rng = random.Random(7)
-    infos = []
-    for c in range(60):
-        centre = rng.getrandbits(64)
-        for m in range(rng.randint(1, 8)):
-            sha = f"sha-{c}" if m < 2 and c % 3 == 0 else f"sha-{c}-{m}"  # some exact copies
-            infos.append(ImageInfo(f"c{c:02d}m{m}", sha, flip(centre, rng.randint(0, 6), rng),
-                                   rng.choice([100, 200, 300])))
+    infos = clustered_infos()
     rejects = find_duplicates(infos, radius=4)
 
     uf = UnionFind(i.key for i in infos)
@@ -276,6 +283,45 @@ def test_member_packing_round_trips():
                  ImageInfo("k", "x" * 300, None, 5)):
         assert unpack_member(pack_member(info, True)) == info
         assert unpack_member(pack_member(info, False)) == info._replace(sha256="")
+
+
+def test_shards_give_the_same_edges_as_the_groups():
+    """Moving groups in packed shards (what the Beam plan shuffles) loses no group and mixes none:
+    the shard step yields exactly the edges of every group taken one by one, in several blobs."""
+    infos = clustered_infos()
+    by_group, by_shard = {}, {}
+    for info in infos:
+        for group, member in group_entries(info, 4):
+            by_group.setdefault(group, []).append(member)
+            by_shard.setdefault(shard_of(group), []).append(member)
+    assert len(by_shard) < len(by_group) / 4  # shards really hold several groups
+    want = sorted((a.key, b.key) for g, ms in by_group.items() for a, b in group_edges(g, ms, 4))
+    got = []
+    for shard, members in by_shard.items():
+        blobs = [pack_shard(members[:3]), pack_shard(members[3:]), pack_shard([])]  # as bundles hand them over
+        got += [(a.key, b.key) for a, b in shard_edges(shard, blobs, 4)]
+    assert sorted(got) == want and len(want) > 50
+    assert plan_rejects(shard_edges(("sha", 0), [], 4)) == {}
+
+
+def test_shard_packing_round_trips():
+    members = [b"", b"x", bytes(range(256)) * 3, pack_member(ImageInfo("k-\u00fc", "ab" * 32, 5, 7), True)]
+    assert list(unpack_shard(pack_shard(members))) == members
+    assert list(unpack_shard(b"")) == []
+
+
+def test_beam_transform_matches_reference_when_shards_are_handed_over_early(monkeypatch):
+    """A worker hands a shard over as soon as it passes SHARD_FLUSH_BYTES (bounding its memory on a
+    big bundle): many blobs per shard, same decisions as the reference."""
+    monkeypatch.setattr(dedupe, "SHARD_FLUSH_BYTES", 200)
+    records = [synthetic(i.key, i.phash, i.sha256, i.area) for i in clustered_infos(3)]
+    want_kept, want_rejected = dedupe_records(records)
+    assert len(want_rejected) > 50
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    kept, rejected = pipeline | beam.Create(records) | Dedupe(radius=4)
+    assert_that(kept | beam.Map(lambda r: r.key), equal_to([r.key for r in want_kept]), label="kept")
+    assert_that(rejected, equal_to(want_rejected), label="rejected")
+    pipeline.run().wait_until_finish()
 
 
 def test_beam_transform_without_any_duplicate_keeps_everything():
