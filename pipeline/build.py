@@ -18,7 +18,7 @@ import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.transforms.window import GlobalWindows
 
-from pipeline import beam_tuning, forked_workers, manifest, outdir, parquet_pieces, writer
+from pipeline import beam_tuning, forked_workers, malloc_tuning, manifest, outdir, parquet_pieces, writer
 from pipeline.beam_stage import METRIC_PREFIX, ApplyStages, BundleCounts, SumCounts, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
@@ -288,6 +288,7 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
         check_llm(config)
     parquet_pieces.use_system_allocator()  # the merge, the ledger and the report run in this process
     beam_tuning.limit_output_buffers()  # before any worker is forked from or runs in this process
+    malloc_tuning.fix_mmap_threshold()  # likewise
     options = BuildOptions(beam_args)
     dry_run = options.view_as(TestOptions).dry_run
     if not dry_run:
