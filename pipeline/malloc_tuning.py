@@ -11,7 +11,8 @@ and the peak RSS was 471 MiB; with the threshold fixed, 440 MiB at the same spee
 (bench/bench_memory.py).
 
 Setting M_MMAP_THRESHOLD (any mallopt of it turns the raise off) keeps every big buffer in its own
-mapping, gone from RSS when freed. A MALLOC_MMAP_THRESHOLD_ in the environment is the user's
+mapping, gone from RSS when freed. The raise also doubled M_TRIM_THRESHOLD, the free space the heap
+keeps at its top; that is set back to glibc's starting value with it. A MALLOC_MMAP_THRESHOLD_ in the environment is the user's
 choice and is left alone; so is a C library that is not glibc (macOS, musl)."""
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import ctypes
 import logging
 import os
 
-M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
-MMAP_THRESHOLD_BYTES = 128 << 10  # glibc's own starting value
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+MMAP_THRESHOLD_BYTES = TRIM_THRESHOLD_BYTES = 128 << 10  # glibc's own starting values
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +43,7 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
         return False
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.mallopt.restype = ctypes.c_int
-    done = libc.mallopt(M_MMAP_THRESHOLD, nbytes) == 1
+    done = libc.mallopt(M_MMAP_THRESHOLD, nbytes) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
     if not done:
-        log.debug("mallopt(M_MMAP_THRESHOLD, %d) was refused", nbytes)
+        log.debug("mallopt of the mmap and trim thresholds was refused")
     return done

@@ -32,8 +32,9 @@ def own_mappings_of_1mib():
 
 
 def test_fixed_threshold_keeps_big_buffers_in_their_own_mappings():
-    script = PROBE + "print(own_mappings_of_1mib(), malloc_tuning.fix_mmap_threshold(), own_mappings_of_1mib())"
-    assert run_python(["-c", script]).stdout.split() == ["0", "True", "1"]
+    left_alone = run_python(["-c", PROBE + "print(own_mappings_of_1mib())"])
+    fixed = run_python(["-c", PROBE + "print(malloc_tuning.fix_mmap_threshold(), own_mappings_of_1mib())"])
+    assert left_alone.stdout.split() == ["0"] and fixed.stdout.split() == ["True", "1"]
 
 
 def test_the_users_own_setting_is_left_alone():
@@ -42,11 +43,16 @@ def test_the_users_own_setting_is_left_alone():
     assert run_python(["-c", script], env=env).stdout.split() == ["False", "0"]
 
 
-def test_a_build_fixes_it(tmp_path, exif_samples):
-    script = PROBE + (
+def test_a_build_fixes_it_before_its_job(tmp_path, exif_samples):
+    """run_build fixes it itself (before it forks workers); importing pipeline.build does not."""
+    script = (
+        "import sys\n"
+        "from pipeline import malloc_tuning\n"
         "from pipeline.build import BuildConfig, run_build\n"
-        "print(own_mappings_of_1mib())\n"
+        "calls, fix = [], malloc_tuning.fix_mmap_threshold\n"
+        "malloc_tuning.fix_mmap_threshold = lambda *a: calls.append(fix(*a))\n"
+        "print(calls)\n"
         "run_build(BuildConfig(sources=[sys.argv[1]], out=sys.argv[2]), [])\n"
-        "print(own_mappings_of_1mib())\n")
+        "print(calls)\n")
     done = run_python(["-c", script, f"exif:{exif_samples / 'gps'}", str(tmp_path / "out")])
-    assert done.stdout.split()[-2:] == ["0", "1"]
+    assert done.stdout.split()[-2:] == ["[]", "[True]"]
