@@ -288,6 +288,7 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
         check_llm(config)
     parquet_pieces.use_system_allocator()  # the merge, the ledger and the report run in this process
     beam_tuning.limit_output_buffers()  # before any worker is forked from or runs in this process
+    beam_tuning.shorten_state_sampling()  # likewise
     malloc_tuning.fix_mmap_threshold()  # likewise
     options = BuildOptions(beam_args)
     dry_run = options.view_as(TestOptions).dry_run
