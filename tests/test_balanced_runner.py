@@ -16,7 +16,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from fresh_process import TESTS, child_env
-from pipeline.balanced_runner import FINE_PARTS_PER_WORKER, BalancedFnApiRunner, guided_sizes
+from pipeline.balanced_runner import FINE_PARTS_PER_WORKER, BalancedFnApiRunner, guided_sizes, plan_parts
 
 N = 400
 TWO_WORKERS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
@@ -80,6 +80,19 @@ def test_parts_shrink_to_one_fine_part_and_cover_all():
         sizes = guided_sizes(n, workers)
         assert sum(sizes) == n and sizes == sorted(sizes, reverse=True) and sizes[-1] == 1
     assert guided_sizes(32, 2) == [8, 6, 5, 4, 3, 2, 1, 1, 1, 1]
+
+
+def test_largest_fine_parts_go_out_first_and_each_chunk_once():
+    """The writer's step: one shard per fine part, a few big (train) and many small (val, test),
+    most fine parts empty. Big ones first, so that a worker never ends on a big one alone."""
+    sizes = [30, 2200, 0, 250, 2300, 0, 310, 2250, 260, 0, 2240, 320]
+    fine = [{"in": [bytes(n)] if n else []} for n in sizes]
+    parts = plan_parts(fine, workers=2)
+    taken = [len(chunk) for part in parts for chunk in part["in"]]
+    assert sorted(taken) == sorted(n for n in sizes if n)  # every chunk once, no empty fine part
+    assert taken == sorted(taken, reverse=True)
+    assert [len(part["in"]) for part in parts] == guided_sizes(9, 2)
+    assert plan_parts([{"in": []}, {"in": [b""]}], workers=2) == []
 
 
 def test_a_failing_part_fails_the_job_with_its_error(tmp_path):
