@@ -19,6 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline import beam_tuning, forked_workers, malloc_tuning, manifest, outdir, parquet_pieces, writer
+from pipeline.forking import runner_given
 from pipeline.beam_stage import METRIC_PREFIX, ApplyStages, BundleCounts, SumCounts, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
@@ -256,10 +257,6 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
          | "AllLedgerPieces" >> beam.combiners.ToList()  # a path per step and bundle: small
          | "MergeLedger" >> beam.Map(parquet_pieces.merge_files, outdir.join(config.out, LEDGER_FILE), LEDGER_SCHEMA))
     return inputs
-
-
-def runner_given(beam_args: list[str]) -> bool:
-    return any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args)
 
 
 def default_runner(beam_args: list[str], pool: "forked_workers.ForkedWorkers | None" = None):

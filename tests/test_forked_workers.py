@@ -14,7 +14,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from fresh_process import child_env, run_python
 from pipeline import forked_workers
-from pipeline.forked_workers import ForkedWorkers, fork_blockers, pool_size
+from pipeline.forked_workers import ForkedWorkers, pool_size
+from pipeline.forking import ENV_SWITCH, fork_blockers
 
 MULTI = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 
@@ -37,7 +38,7 @@ def test_unused_children_leave_when_the_pool_closes():
 
 
 def test_a_running_python_thread_rules_forking_out(monkeypatch):
-    monkeypatch.delenv(forked_workers.ENV_SWITCH, raising=False)
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait, name="busy-helper")
     thread.start()
@@ -56,7 +57,7 @@ def test_a_running_python_thread_rules_forking_out(monkeypatch):
     (MULTI, False, "0"),                                                            # switched off
 ])
 def test_only_our_multi_processing_runner_forks(args, runner_given, switch, monkeypatch):
-    monkeypatch.setenv(forked_workers.ENV_SWITCH, switch)
+    monkeypatch.setenv(ENV_SWITCH, switch)
     assert pool_size(PipelineOptions(args), runner_given) == 0
 
 
@@ -64,9 +65,9 @@ def test_a_fresh_build_process_forks_one_child_per_worker():
     """What `mg-geo build` sees before its job starts: no Python or gRPC thread, so it forks.
     (Not checkable in this process, where Beam has run before.)"""
     code = ("import sys; from apache_beam.options.pipeline_options import PipelineOptions; "
-            "import pipeline.build; from pipeline.forked_workers import pool_size, fork_blockers; "
+            "import pipeline.build; from pipeline.forked_workers import pool_size; from pipeline.forking import fork_blockers; "
             "print(fork_blockers(), pool_size(PipelineOptions(sys.argv[1:]), False))")
-    done = run_python(["-c", code, *MULTI], child_env(drop=(forked_workers.ENV_SWITCH,)))
+    done = run_python(["-c", code, *MULTI], child_env(drop=(ENV_SWITCH,)))
     assert done.stdout.split() == ["[]", "2"]
 
 
