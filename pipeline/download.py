@@ -33,8 +33,6 @@ from typing import Iterator, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import BadArgument
 from pipeline.record import Record, Reject, make_key
@@ -129,6 +127,9 @@ def failed_downloads(spec: str, shard_name: str, shard: str) -> Iterator[tuple[R
 
     Shards img2dataset did not write (no parquet beside them, or one without its status column)
     give nothing. Input ids are `shard_name/KEY`, the form the wds source gives samples."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
     from pipeline.sources.columns import value_text  # lazy: pipeline.sources imports this module
 
     path = sibling_parquet(shard)
@@ -292,9 +293,9 @@ def _pool_workers_forked():
     did by default on Linux; so is its logger process (another ~4 s of imports).
     MG_GEO_FORK_WORKERS=0 keeps img2dataset's own way."""
     from img2dataset import distributor
-    from pipeline import forked_workers
+    from pipeline.forking import may_fork
 
-    if not forked_workers.may_fork("img2dataset's workers"):
+    if not may_fork("img2dataset's workers"):
         yield
         return
     import multiprocessing.context
@@ -339,22 +340,22 @@ def shard_name(shard_id: int) -> str:
     return f"{shard_id:0{OOM_SHARD_COUNT}d}"
 
 
-def _read_parquet(path: str):
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return pq.read_table(pa.BufferReader(handle.read()))
-
-
 def summarize(out: str, n_rows: int, samples_per_shard: int) -> dict:
     """Check that img2dataset accounted for every row (tar + parquet per shard, one parquet row
-    per input row) and count the outcomes with the reasons the build's ledger will show."""
+    per input row) and count the outcomes with the reasons the build's ledger will show. Read
+    through fsspec, as img2dataset wrote them (and Beam-free: the download's process runs it)."""
+    import fsspec  # img2dataset's dependency
+
+    fs, root = fsspec.core.url_to_fs(out)
     n_shards = max(1, math.ceil(n_rows / samples_per_shard))
     missing, outcomes, accounted = [], Counter(), 0
     for shard_id in range(n_shards):
-        base = f"{out}/{shard_name(shard_id)}"
-        if not all(FileSystems.exists(base + ext) for ext in (".tar", ".parquet", "_stats.json")):
+        base = f"{root}/{shard_name(shard_id)}"
+        if not all(fs.exists(base + ext) for ext in (".tar", ".parquet", "_stats.json")):
             missing.append(shard_name(shard_id))
             continue
-        table = _read_parquet(base + ".parquet").to_pydict()
+        with fs.open(base + ".parquet", "rb") as handle:
+            table = pq.read_table(pa.BufferReader(handle.read())).to_pydict()
         accounted += len(table["status"])
         skips = table.get(SKIP_COLUMN) or [None] * len(table["status"])
         for status, message, skip in zip(table["status"], table["error_message"], skips):
