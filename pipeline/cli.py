@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None, freeze_imports: bool = False) -> int:
         parser = make_parser()
         # Only `build` passes unknown flags on (to Beam's PipelineOptions); elsewhere they are errors.
         args, extra = parser.parse_known_args(argv)
+        before_imports = getattr(args, "before_imports", None)
+        if before_imports is not None:  # what must happen while the process is small (a fork)
+            before_imports(args, extra)
         for module in getattr(args, "preload", ()):  # the command's own heavy imports
             importlib.import_module(module)
     if freeze_imports:

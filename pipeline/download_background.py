@@ -10,6 +10,12 @@ written after the shard's tar and parquet, so a reader that waits for it never s
   workers inherit multiprocessing's list of children and would terminate a daemon child, or reap
   it, at their exit), and reports its outcome after the build, as a sequential download would
   before it (`DownloadIncomplete` for shards img2dataset gave up on: rerun to resume).
+- `DownloadHelper` is that child, forked when `mg-geo build` starts, before it imports Beam: it
+  imports img2dataset (0.9 s) while the build's process imports Beam and prepares the url list
+  (1.1 s), then runs the download it is handed. Forked after the preparation, the child began
+  fetching 0.8 s later, and on the 2k-photo benchmark (bench/bench_vs_img2dataset.py) the build's
+  workers waited for shards most of that time. This module and pipeline.download are Beam-free for
+  it (so is pipeline.forking).
 - `ShardWait` travels with the wds: source to the build's workers and blocks a shard's reading
   until the shard is finished. The wait is bounded by the child's life: it ends when the shard is
   done, when the child has reported its end (the shard is then missing: DownloadIncomplete), or
@@ -20,14 +26,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Optional
 
-from pipeline import forked_workers
-from pipeline.download import DownloadIncomplete, PreparedDownload, sibling_parquet
+from pipeline.download import DownloadIncomplete, PreparedDownload, import_img2dataset, sibling_parquet
+from pipeline.forking import fork_child, may_fork, runner_given
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +98,95 @@ def _child(download: PreparedDownload, status_path: str) -> int:
     return 0 if status["ok"] else 1
 
 
-class BackgroundDownload:
-    """A prepared download run in a forked child. `wait` goes to the wds: source of its shards;
-    `finish()` joins the child and returns the summary or raises DownloadIncomplete."""
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
-    def __init__(self, download: PreparedDownload):
+
+class DownloadHelper:
+    """A child forked early (see the module docstring) that imports img2dataset, then waits on a
+    pipe for the one download it runs (`hand_over`); closing the pipe unused (`dismiss`) ends it."""
+
+    def __init__(self):
+        read_fd, self._write_fd = os.pipe()
+        self.handed_over = False
+        self.pid = fork_child(lambda: self._main(read_fd))
+        os.close(read_fd)
+        _own_group(self.pid)
+
+    def _main(self, read_fd: int) -> int:
+        os.setpgid(0, 0)  # a group of its own with img2dataset's processes: stop() ends them all
+        os.close(self._write_fd)
+        os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # as img2dataset_download sets it
+        os.environ.setdefault("WANDB_MODE", "disabled")
+        import_img2dataset()
+        job = _read_all(read_fd)
+        os.close(read_fd)
+        if not job:
+            return 0  # dismissed
+        download, status_path = pickle.loads(job)
+        return _child(download, status_path)
+
+    def hand_over(self, download: PreparedDownload, status_path: str) -> None:
+        job = pickle.dumps((download, status_path))
+        self.handed_over = True  # its end is BackgroundDownload's to reap
+        try:
+            view = memoryview(job)
+            while view:
+                view = view[os.write(self._write_fd, view):]
+        finally:
+            self.dismiss()
+
+    def dismiss(self) -> None:
+        """Close the pipe: a helper not handed a download ends."""
+        if self._write_fd is not None:
+            os.close(self._write_fd)
+            self._write_fd = None
+
+    def close(self) -> None:
+        """Dismiss the helper if it was not handed a download, and reap it."""
+        self.dismiss()
+        if not self.handed_over:
+            self.handed_over = True
+            os.waitpid(self.pid, 0)
+
+
+def start_helper(download_requested: bool, sources: list[str], beam_args: list[str]) -> Optional[DownloadHelper]:
+    """The helper when `build --download` will likely run a download beside the build (a table
+    source, the local runner, no dry run, forking allowed); None otherwise. The build decides for
+    good later (commands.build.download_tables) and dismisses a helper it does not use."""
+    if not download_requested or not any(spec.startswith("table:") for spec in sources) \
+            or runner_given(beam_args) or any(arg.startswith("--dry_run") for arg in beam_args) \
+            or not may_fork("the download's process", otherwise="forked later"):
+        return None
+    return DownloadHelper()
+
+
+def _own_group(pid: int) -> None:
+    try:
+        os.setpgid(pid, pid)  # also here: stop() may come before the child's own call
+    except OSError:
+        pass  # the child has done it, or has already ended
+
+
+class BackgroundDownload:
+    """A prepared download run in a forked child (the early `helper` when given). `wait` goes to
+    the wds: source of its shards; `finish()` joins the child and returns the summary or raises
+    DownloadIncomplete."""
+
+    def __init__(self, download: PreparedDownload, helper: Optional[DownloadHelper] = None):
         self.download = download
         self.status_path = os.path.join(download.tmp, STATUS_FILE)
-        self.pid = forked_workers.fork_child(self._in_child)
-        try:
-            os.setpgid(self.pid, self.pid)  # also here: stop() may come before the child's own call
-        except OSError:
-            pass  # the child has done it, or has already ended
+        if helper is not None:
+            self.pid = helper.pid
+            helper.hand_over(download, self.status_path)
+        else:
+            self.pid = fork_child(self._in_child)
+            _own_group(self.pid)
         self.wait = ShardWait(self.pid, self.status_path)
         self.exit_code: Optional[int] = None
         log.info("downloading %s in process %d while the build reads its finished shards",

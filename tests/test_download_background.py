@@ -17,7 +17,7 @@ import pytest
 
 from fresh_process import REPO, child_env
 from pipeline.download import DownloadIncomplete
-from pipeline.download_background import BackgroundDownload, ShardWait, _process_running
+from pipeline.download_background import BackgroundDownload, DownloadHelper, ShardWait, _process_running, start_helper
 
 GPS = ["DSCN0010", "DSCN0012", "DSCN0021", "DSCN0025", "DSCN0027", "DSCN0029", "DSCN0038", "DSCN0040"]
 
@@ -91,6 +91,29 @@ def test_stop_ends_a_download_still_running(tmp_path):
     assert not _process_running(running.pid)
 
 
+@pytest.mark.parametrize("download, sources, beam_args, switch", [
+    (False, ["table:t.csv"], [], "1"),                      # no --download
+    (True, ["exif:photos"], [], "1"),                       # nothing to download
+    (True, ["table:t.csv"], ["--runner=DataflowRunner"], "1"),  # the download runs first there
+    (True, ["table:t.csv"], ["--dry_run=True"], "1"),
+    (True, ["table:t.csv"], [], "0"),                       # MG_GEO_FORK_WORKERS=0
+])
+def test_no_helper_where_no_download_runs_beside_the_build(monkeypatch, download, sources, beam_args, switch):
+    monkeypatch.setenv("MG_GEO_FORK_WORKERS", switch)
+    assert start_helper(download, sources, beam_args) is None
+
+
+def test_a_helper_not_handed_a_download_ends_and_is_reaped(monkeypatch):
+    monkeypatch.setenv("MG_GEO_FORK_WORKERS", "1")
+    monkeypatch.setattr("pipeline.download_background.may_fork", lambda *a, **k: True)  # this process has threads
+    helper = start_helper(True, ["table:t.csv"], [])
+    assert isinstance(helper, DownloadHelper) and _process_running(helper.pid)
+    helper.close()
+    assert not _process_running(helper.pid)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(helper.pid, os.WNOHANG)  # reaped already
+
+
 def _table(tmp_path: Path, exif_samples: Path) -> Path:
     """Local photo paths (img2dataset fetches them as file:// URLs), one missing file, one row
     without coordinates: 10 rows in 2 shards of 5."""
@@ -139,6 +162,36 @@ def test_the_build_beside_the_download_makes_the_corpus_of_a_download_first(tmp_
     assert len(manifest) == len(GPS) and {r["reason"] for r in ledger} == {"download_failed", "coords_missing"}
     assert report["conservation_ok"] and report["inputs_total"] == len(GPS) + 2
     assert report["stages"]["source"]["wait_micros"] > 0  # waited for shards, not counted as work
+
+
+# Notes whether Beam was loaded when the command forked the download's process, and whether that
+# process was then handed the download.
+SPY_ON_HELPER = """
+import json, sys
+from pipeline import download_background as bg
+seen = {}
+init, hand_over = bg.DownloadHelper.__init__, bg.DownloadHelper.hand_over
+def spy_init(self):
+    seen["beam_loaded_at_fork"] = "apache_beam" in sys.modules
+    init(self)
+def spy_hand_over(self, *args):
+    seen["handed_over"] = True
+    hand_over(self, *args)
+bg.DownloadHelper.__init__, bg.DownloadHelper.hand_over = spy_init, spy_hand_over
+from pipeline.cli import main
+code = main(sys.argv[1:])
+print("SEEN " + json.dumps(seen))
+sys.exit(code)
+"""
+
+
+def test_the_download_process_is_forked_before_beam_is_imported(tmp_path, exif_samples):
+    """So that it imports img2dataset while the build's process imports Beam (the module docstring)."""
+    done = _build(_table(tmp_path, exif_samples), tmp_path / "out", "1", SPY_ON_HELPER)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.split("SEEN ", 1)[1])
+    assert seen == {"beam_loaded_at_fork": False, "handed_over": True}
+    assert len(pq.read_table(tmp_path / "out" / "manifest.parquet")) == len(GPS)
 
 
 # The download fails after the build has started (img2dataset wrote no shard): the workers waiting

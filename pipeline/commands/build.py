@@ -81,7 +81,7 @@ def register(sub) -> None:
     else:
         add_lvlm_arguments(p)
         add_part_arguments(p)
-    p.set_defaults(func=run, accepts_extra=True, preload=("pipeline.build",))
+    p.set_defaults(func=run, accepts_extra=True, preload=("pipeline.build",), before_imports=start_download_helper)
 
 
 def config_from_args(args):
@@ -98,33 +98,35 @@ def config_from_args(args):
         source_options=source_options, lvlm_args=args)
 
 
-def download_tables(config, args, stack: contextlib.ExitStack) -> tuple[list[str], list]:
+def download_tables(config, args, stack: contextlib.ExitStack, helper=None) -> tuple[list[str], list]:
     """Each table: source -> its images fetched with img2dataset -> the wds: source of those shards
     (the ledger then names the shard/KEY of a row; the row's own columns are in the provenance).
     Returns (the build's sources, the downloads running beside it).
 
     On the local runner, where this process may fork, each table is downloaded in a child process
     while the build reads its shards as img2dataset finishes them (pipeline.download_background);
-    otherwise (another runner, a dry run, MG_GEO_FORK_WORKERS=0) every table is downloaded first."""
+    otherwise (another runner, a dry run, MG_GEO_FORK_WORKERS=0) every table is downloaded first.
+    `helper`: the child forked when the command started (download_background.start_helper), which
+    runs the first table's download."""
     from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
-    from pipeline import forked_workers
-    from pipeline.build import runner_given
+    from pipeline import forking
     from pipeline.download import DownloadOptions, prepared_download
 
     options = DownloadOptions(processes=args.download_processes, threads=args.download_threads,
                               timeout_s=args.download_timeout)
     tables = [(i, spec) for i, spec in enumerate(config.sources) if spec.startswith("table:")]
-    beside = bool(tables) and not runner_given(args.extra) \
+    beside = bool(tables) and not forking.runner_given(args.extra) \
         and not PipelineOptions(args.extra).view_as(TestOptions).dry_run \
-        and forked_workers.may_fork("downloads", otherwise="run before the build, not beside it")
+        and forking.may_fork("downloads", otherwise="run before the build, not beside it")
     sources, background = list(config.sources), []
     for i, spec in tables:
         download = stack.enter_context(prepared_download(
             spec, f"{config.out}/_download/table-{i}", options, config.source_options))
         if beside:
             from pipeline.download_background import BackgroundDownload
-            running = BackgroundDownload(download)
+            running = BackgroundDownload(download, helper)
+            helper = None  # the later tables fork their own child
             stack.callback(running.stop)
             config.shard_waits[download.wds_spec] = running.wait
             background.append(running)
@@ -138,17 +140,28 @@ def _log_download(spec: str, summary: dict) -> None:
     log.info("downloaded %s: %s", spec, {k: summary[k] for k in ("rows", "downloaded")})
 
 
+def start_download_helper(args, extra: list[str]) -> None:
+    """Called by the command line before it imports Beam (pipeline.download_background): the
+    download's process, forked while this one is small, imports img2dataset meanwhile."""
+    from pipeline.download_background import start_helper
+
+    args.download_helper = start_helper(args.download, args.source, extra)
+
+
 def run(args) -> int:
     from pipeline.build import run_build
-    from pipeline.errors import BadArgument
     from pipeline.download import DownloadIncomplete
+    from pipeline.errors import BadArgument
 
     try:
         with contextlib.ExitStack() as stack:
+            helper = getattr(args, "download_helper", None)
+            if helper is not None:
+                stack.callback(helper.close)
             config = config_from_args(args)
             background = []
             if args.download:
-                config.sources, background = download_tables(config, args, stack)
+                config.sources, background = download_tables(config, args, stack, helper)
             try:
                 report = run_build(config, args.extra)
             except Exception as exc:
