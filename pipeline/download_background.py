@@ -123,7 +123,10 @@ class DownloadHelper:
         os.close(self._write_fd)
         os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # as img2dataset_download sets it
         os.environ.setdefault("WANDB_MODE", "disabled")
-        import_img2dataset()
+        try:
+            import_img2dataset()
+        except ImportError:
+            pass  # the download raises it again and reports it, as a child forked later would
         job = _read_all(read_fd)
         os.close(read_fd)
         if not job:
@@ -131,15 +134,19 @@ class DownloadHelper:
         download, status_path = pickle.loads(job)
         return _child(download, status_path)
 
-    def hand_over(self, download: PreparedDownload, status_path: str) -> None:
-        job = pickle.dumps((download, status_path))
-        self.handed_over = True  # its end is BackgroundDownload's to reap
+    def hand_over(self, download: PreparedDownload, status_path: str) -> bool:
+        """Give the helper its download; False (the helper reaped) where it is gone."""
+        view = memoryview(pickle.dumps((download, status_path)))
         try:
-            view = memoryview(job)
             while view:
                 view = view[os.write(self._write_fd, view):]
-        finally:
-            self.dismiss()
+        except OSError as exc:  # BrokenPipeError: the helper died (killed) before its download
+            log.warning("the download's early process %d is gone (%s): forking another", self.pid, exc)
+            self.close()
+            return False
+        self.handed_over = True  # its end is BackgroundDownload's to reap
+        self.dismiss()
+        return True
 
     def dismiss(self) -> None:
         """Close the pipe: a helper not handed a download ends."""
@@ -181,9 +188,8 @@ class BackgroundDownload:
     def __init__(self, download: PreparedDownload, helper: Optional[DownloadHelper] = None):
         self.download = download
         self.status_path = os.path.join(download.tmp, STATUS_FILE)
-        if helper is not None:
+        if helper is not None and helper.hand_over(download, self.status_path):
             self.pid = helper.pid
-            helper.hand_over(download, self.status_path)
         else:
             self.pid = fork_child(self._in_child)
             _own_group(self.pid)

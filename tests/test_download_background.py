@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -112,6 +113,29 @@ def test_a_helper_not_handed_a_download_ends_and_is_reaped(monkeypatch):
     assert not _process_running(helper.pid)
     with pytest.raises(ChildProcessError):
         os.waitpid(helper.pid, os.WNOHANG)  # reaped already
+
+
+def test_a_helper_runs_the_download_it_is_handed_even_without_img2dataset_imported(monkeypatch, tmp_path):
+    """The early import is only a head start: where it fails, the download runs and reports
+    (here a stand-in download that succeeds)."""
+    def no_img2dataset():
+        raise ImportError("No module named 'img2dataset'")
+    monkeypatch.setattr("pipeline.download_background.import_img2dataset", no_img2dataset)
+    helper = DownloadHelper()
+    running = BackgroundDownload(_FakeDownload(tmp_path, {"rows": 2, "downloaded": 2}), helper)
+    assert running.pid == helper.pid and running.finish() == {"rows": 2, "downloaded": 2}
+    helper.close()  # nothing left to reap: BackgroundDownload did
+
+
+def test_a_helper_gone_before_its_download_is_replaced_by_a_fresh_child(tmp_path):
+    helper = DownloadHelper()
+    os.kill(helper.pid, signal.SIGKILL)
+    while _process_running(helper.pid):
+        time.sleep(0.01)
+    running = BackgroundDownload(_FakeDownload(tmp_path, {"rows": 1, "downloaded": 1}), helper)
+    assert running.pid != helper.pid and running.finish() == {"rows": 1, "downloaded": 1}
+    with pytest.raises(ChildProcessError):
+        os.waitpid(helper.pid, os.WNOHANG)  # the dead helper was reaped
 
 
 def _table(tmp_path: Path, exif_samples: Path) -> Path:
