@@ -23,6 +23,7 @@ written after the shard's tar and parquet, so a reader that waits for it never s
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -131,6 +132,10 @@ class DownloadHelper:
         os.close(read_fd)
         if not job:
             return 0  # dismissed
+        # Forked inside the command line's pause of the collector (pipeline.gc_pause): a long
+        # download must collect its cycles; the imports, frozen, are not walked again.
+        gc.freeze()
+        gc.enable()
         download, status_path = pickle.loads(job)
         return _child(download, status_path)
 

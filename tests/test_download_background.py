@@ -4,6 +4,7 @@ first, and a download that fails ends the build with the download's own error.""
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 
 from fresh_process import REPO, child_env
 from pipeline.download import DownloadIncomplete
+from pipeline.gc_pause import gc_paused
 from pipeline.download_background import BackgroundDownload, DownloadHelper, ShardWait, _process_running, start_helper
 
 GPS = ["DSCN0010", "DSCN0012", "DSCN0021", "DSCN0025", "DSCN0027", "DSCN0029", "DSCN0038", "DSCN0040"]
@@ -125,6 +127,19 @@ def test_a_helper_runs_the_download_it_is_handed_even_without_img2dataset_import
     running = BackgroundDownload(_FakeDownload(tmp_path, {"rows": 2, "downloaded": 2}), helper)
     assert running.pid == helper.pid and running.finish() == {"rows": 2, "downloaded": 2}
     helper.close()  # nothing left to reap: BackgroundDownload did
+
+
+class _GcState(_FakeDownload):
+    def run(self):
+        return {"gc_enabled": gc.isenabled()}
+
+
+def test_a_helper_forked_while_the_collector_is_paused_collects_during_its_download(tmp_path):
+    """The command line forks it inside its gc pause (pipeline.gc_pause)."""
+    with gc_paused():
+        helper = DownloadHelper()
+    running = BackgroundDownload(_GcState(tmp_path, None), helper)
+    assert running.finish() == {"gc_enabled": True}
 
 
 def test_a_helper_gone_before_its_download_is_replaced_by_a_fresh_child(tmp_path):
