@@ -143,9 +143,11 @@ class DownloadHelper:
         """Give the helper its download; False (the helper reaped) where it is gone."""
         view = memoryview(pickle.dumps((download, status_path)))
         try:
+            if not _process_running(self.pid):  # a process it started may still hold the pipe
+                raise BrokenPipeError("it has ended")
             while view:
                 view = view[os.write(self._write_fd, view):]
-        except OSError as exc:  # BrokenPipeError: the helper died (killed) before its download
+        except OSError as exc:  # it died (killed) before its download
             log.warning("the download's early process %d is gone (%s): forking another", self.pid, exc)
             self.close()
             return False
