@@ -175,7 +175,7 @@ def start_helper(download_requested: bool, sources: list[str], beam_args: list[s
     good later (commands.build.download_tables) and dismisses a helper it does not use."""
     if not download_requested or not any(spec.startswith("table:") for spec in sources) \
             or runner_given(beam_args) or any(arg.startswith("--dry_run") for arg in beam_args) \
-            or not may_fork("the download's process", otherwise="forked later"):
+            or not may_fork("the download's process", otherwise="is not forked before Beam's import"):
         return None
     return DownloadHelper()
 
