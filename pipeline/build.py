@@ -19,10 +19,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline import beam_tuning, forked_workers, malloc_tuning, manifest, outdir, parquet_pieces, writer
-from pipeline.forking import runner_given
 from pipeline.beam_stage import METRIC_PREFIX, ApplyStages, BundleCounts, SumCounts, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
+from pipeline.forking import runner_given
 from pipeline.geocode import GeocodeStage
 from pipeline.image import ImageStage
 from pipeline.meta import MetaStage

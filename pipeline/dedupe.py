@@ -299,8 +299,12 @@ def shard_of(group: tuple) -> tuple:
     return ("band", group[1], group[2] & _SHARD_MASK)
 
 
+def _framed(member: bytes) -> bytes:
+    return _MEMBER_LENGTH.pack(len(member)) + member
+
+
 def pack_shard(members: Iterable[bytes]) -> bytes:
-    return b"".join(_MEMBER_LENGTH.pack(len(m)) + m for m in members)
+    return b"".join(map(_framed, members))
 
 
 def unpack_shard(blob: bytes) -> Iterable[bytes]:
@@ -354,8 +358,7 @@ class _ShardedEntries(beam.DoFn):
             packed = self.shards.get(shard)
             if packed is None:
                 packed = self.shards[shard] = bytearray()
-            packed += _MEMBER_LENGTH.pack(len(member))
-            packed += member
+            packed += _framed(member)
             if len(packed) >= SHARD_FLUSH_BYTES:  # bounds a worker's memory on a big bundle
                 full.append((shard, bytes(packed)))
                 del self.shards[shard]

@@ -114,7 +114,7 @@ class DownloadHelper:
 
     def __init__(self):
         read_fd, self._write_fd = os.pipe()
-        self.handed_over = False
+        self._reaped = False  # reaped by close(), or by the BackgroundDownload it is handed to
         self.pid = fork_child(lambda: self._main(read_fd))
         os.close(read_fd)
         _own_group(self.pid)
@@ -151,7 +151,7 @@ class DownloadHelper:
             log.warning("the download's early process %d is gone (%s): forking another", self.pid, exc)
             self.close()
             return False
-        self.handed_over = True  # its end is BackgroundDownload's to reap
+        self._reaped = True  # BackgroundDownload joins it
         self.dismiss()
         return True
 
@@ -164,8 +164,8 @@ class DownloadHelper:
     def close(self) -> None:
         """Dismiss the helper if it was not handed a download, and reap it."""
         self.dismiss()
-        if not self.handed_over:
-            self.handed_over = True
+        if not self._reaped:
+            self._reaped = True
             os.waitpid(self.pid, 0)
 
 

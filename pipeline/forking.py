@@ -11,7 +11,7 @@ import threading
 import traceback
 from typing import Callable
 
-log = logging.getLogger("pipeline.forked_workers")
+log = logging.getLogger("pipeline.forked_workers")  # the name its log lines have always had
 
 ENV_SWITCH = "MG_GEO_FORK_WORKERS"  # "0": every worker starts as a fresh interpreter
 
