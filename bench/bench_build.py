@@ -1,9 +1,8 @@
 """Benchmark: build the Meta part from N generated sample photos; print records/s and the share of
 wall time each stage's own work takes (measured side by side in one run, so machine noise cancels).
 
-Each build runs in a fresh process, as `mg-geo build` does (a process that has run a Beam job before
-has gRPC threads, and then starts its multi_processing workers afresh instead of forking them:
-pipeline.forked_workers); the wall time is run_build's, without the interpreter's start and imports.
+Each build runs in a fresh process, as `mg-geo build` does; the wall time is run_build's, without
+the interpreter's start and imports.
 
     python bench/bench_build.py [--n 2000] [--workers 1] [--baseline N0] [BEAM FLAGS]
 """
@@ -94,8 +93,7 @@ def main() -> int:
     print(f"stage work share of {args.workers} x wall = {total / (args.workers * wall):.0%}; of "
           f"{args.workers} x the job alone = {total / (args.workers * job):.0%}  (graph {timing.get('graph_s')}s, "
           f"job {timing.get('job_s')}s, report+plots {timing.get('report_and_plots_s')}s, "
-          f"other {wall - sum(v for k, v in timing.items() if k.endswith('_s')):.2f}s; "
-          f"workers forked: {timing.get('forked_workers', 0)})")
+          f"other {wall - sum(v for k, v in timing.items() if k.endswith('_s')):.2f}s)")
     result = {"records_per_s": round(n_in / wall, 1), "wall_s": round(wall, 1),
               "stage_share": round(total / (args.workers * wall), 3), "timing": timing,
               "stage_s": {k: round(v, 2) for k, v in stage_s.items()}}

@@ -17,7 +17,6 @@ import sys
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 UNITS, PER_UNIT, SIZE = 8, 2500, 60_000
 
@@ -33,7 +32,7 @@ class Emit(beam.DoFn):
 
 def count_through_flatten(result_path: str) -> None:
     args = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(args)) as p:
+    with beam.Pipeline(runner="FnApiRunner", options=PipelineOptions(args)) as p:
         out = (p | beam.Create(list(range(UNITS))) | beam.Reshuffle()
                | beam.ParDo(Emit()).with_outputs("other", main="main"))
         _ = ((out.main, out.other) | beam.Flatten() | beam.Map(lambda e: 1)

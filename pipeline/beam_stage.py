@@ -1,9 +1,7 @@
 """The one Beam wrapper every stage goes through: counters, timing, progress log, ledger output."""
 from __future__ import annotations
 
-import gc
 import logging
-import sys
 import time
 
 import apache_beam as beam
@@ -16,25 +14,7 @@ from pipeline.stage import Stage, iter_outcomes
 REJECTED = "rejected"
 METRIC_PREFIX = "mg_geo."
 PROGRESS_EVERY_S = 10.0
-SDK_WORKER_MAIN = "apache_beam.runners.worker.sdk_worker_main"
 log = logging.getLogger(__name__)
-
-
-def settle_worker_heap() -> None:
-    """gc.freeze() in a Beam SDK worker process, once a DoFn's heavy state is loaded.
-
-    A worker's heap after setup (Beam itself, our modules, the geocoder's tables) lives until the
-    process ends. Frozen, the collector no longer walks it, and the process no longer spends
-    ~0.4-0.6 s in its final collections when the runner shuts it down (measured: `import
-    apache_beam` alone leaves 0.40 s of interpreter exit, 0.04 s frozen), which the local runner
-    pays once per worker, one worker after the other. Only in a worker process (Dataflow, Flink,
-    Spark and the local multi_processing runner start `python -m ...sdk_worker_main`; the build
-    forks its own: pipeline.forked_workers): in the driver or a test process, freezing would keep
-    whatever cyclic garbage exists right then."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    forked = sys.modules.get("pipeline.forked_workers")
-    if (spec is not None and spec.name == SDK_WORKER_MAIN) or getattr(forked, "IN_FORKED_WORKER", False):
-        gc.freeze()
 
 
 class BundleCounts:
@@ -118,7 +98,6 @@ class _StageDoFn(beam.DoFn):
         self.stage.setup()
         self.tally = _Tally(self.stage)
         self.side_input = None
-        settle_worker_heap()
 
     def process(self, element, side_input=None):
         if side_input is not None and side_input is not self.side_input:
@@ -149,7 +128,6 @@ class _StageChainDoFn(beam.DoFn):
         for stage in self.stages:
             stage.setup()
         self.tallies = [_Tally(stage) for stage in self.stages]
-        settle_worker_heap()
 
     def start_bundle(self):
         self.waiting = [[] for _ in self.stages]  # records held before a batched stage

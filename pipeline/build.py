@@ -6,7 +6,6 @@ Flink or Spark by flags alone). `run_build` runs it and writes the report and th
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -15,14 +14,13 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 from apache_beam.transforms.window import GlobalWindows
 
-from pipeline import beam_tuning, forked_workers, malloc_tuning, manifest, outdir, parquet_pieces, writer
+from pipeline import manifest, outdir, parquet_pieces, writer
 from pipeline.beam_stage import METRIC_PREFIX, ApplyStages, BundleCounts, SumCounts, TimedMap, stage_metrics
 from pipeline.dedupe import Dedupe
 from pipeline.dedupe_split import DedupeAndSplit
-from pipeline.forking import runner_given
 from pipeline.geocode import GeocodeStage
 from pipeline.image import ImageStage
 from pipeline.meta import MetaStage
@@ -61,8 +59,6 @@ class BuildConfig:
     source_options: dict = field(default_factory=dict)
     fail_writer_after: int | None = None  # crash injection for tests only
     lvlm_args: object = None  # parsed CLI flags for the LVLM parts (pipeline.llm_parts reads them)
-    # wds: spec -> pipeline.download_background.ShardWait, for shards still being downloaded
-    shard_waits: dict = field(default_factory=dict)
 
 
 class _SourceRecords(beam.DoFn):
@@ -82,10 +78,6 @@ class _SourceRecords(beam.DoFn):
     def process(self, unit_pair):
         spec, unit = unit_pair
         counts = self.counts
-        start = time.perf_counter()
-        self.sources[spec].await_unit(unit)
-        # Waiting for a unit (a shard img2dataset is still writing) is not work: counted apart.
-        counts.add_micros_since(start, "wait_micros")
         inputs: dict[str, int] = {}
         outputs = iter(self.sources[spec].records(unit))
         while True:
@@ -127,30 +119,6 @@ class _CountPresence(beam.DoFn):
     def finish_bundle(self):
         for key, n in self.counts.items():
             yield GlobalWindows.windowed_value((key, n))
-
-
-class BuildOptions(PipelineOptions):
-    """PipelineOptions whose view_as makes one view per options class and reuses it.
-
-    Beam calls view_as ~570 times while it makes the build's graph, and each call parses the
-    flags again with a new argparse parser: 0.13 of the graph's 0.30 s. A view keeps nothing of
-    its own (every view reads and writes this object's options dict), so one per class is the
-    same as a new one each time. The views are not pickled with the options."""
-
-    def view_as(self, cls):
-        views = self.__dict__.get("_views")
-        if views is None:
-            views = {}
-            object.__setattr__(self, "_views", views)  # PipelineOptions refuses other attributes
-        view = views.get(cls)
-        if view is None:
-            view = views[cls] = super().view_as(cls)
-        return view
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state.pop("_views", None)
-        return state
 
 
 def _ledger_row(rejection: Rejection) -> dict:
@@ -259,72 +227,44 @@ def build_pipeline(p: beam.Pipeline, config: BuildConfig, sources: list[Source])
     return inputs
 
 
-def default_runner(beam_args: list[str], pool: "forked_workers.ForkedWorkers | None" = None):
-    """No --runner given: Beam's in-process FnApiRunner, which honours --direct_num_workers and
-    --direct_running_mode (its multi_processing workers forked from `pool` when there is one), and
-    hands each step's work out in parts as its workers finish (pipeline.balanced_runner).
-    Plain DirectRunner would first try PrismRunner, which downloads a binary at run time:
-    impossible offline and a surprise on a laptop."""
-    if runner_given(beam_args):
-        return None
-    if pool is not None:
-        return forked_workers.ForkingFnApiRunner(pool)
-    from pipeline.balanced_runner import BalancedFnApiRunner
-    return BalancedFnApiRunner()
+DEFAULT_RUNNER = "FnApiRunner"
+
+
+def default_runner(options: PipelineOptions) -> str | None:
+    """No --runner given: Beam's in-process FnApiRunner (a runner name Beam's --runner documents),
+    which honours --direct_num_workers and --direct_running_mode. Plain DirectRunner would first
+    try PrismRunner, which downloads a binary at run time: impossible offline, a surprise on a laptop."""
+    return None if options.view_as(StandardOptions).runner else DEFAULT_RUNNER
 
 
 def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     """Check arguments, run the job, write report.json and README.md; returns the report."""
     sources = [parse_source(spec, config.source_options) for spec in config.sources]
     for source in sources:
-        if source.spec in config.shard_waits:
-            source.shard_wait = config.shard_waits[source.spec]
         source.check()
     if {"clue", "dialogue"} & set(config.parts):
         from pipeline.llm_parts import check_llm
         check_llm(config)
-    parquet_pieces.use_system_allocator()  # the merge, the ledger and the report run in this process
-    beam_tuning.limit_output_buffers()  # before any worker is forked from or runs in this process
-    beam_tuning.shorten_state_sampling()  # likewise
-    malloc_tuning.fix_mmap_threshold()  # likewise
-    options = BuildOptions(beam_args)
+    options = PipelineOptions(beam_args)
     dry_run = options.view_as(TestOptions).dry_run
     if not dry_run:
         outdir.prepare(config.out)
-    # Forked now, while this process is single-threaded and every stage's module is imported.
-    forks = 0 if dry_run else forked_workers.pool_size(
-        options, runner_given(beam_args), workers_use_torch=bool({"clue", "dialogue"} & set(config.parts)))
-    plotter = None
-    try:
-        with contextlib.ExitStack() as workers:
-            # Also without children (forks == 0): the pool's runner starts multi_processing workers
-            # afresh then, and still turns a worker's death into the build's error instead of a hang.
-            pool = None if dry_run or runner_given(beam_args) else workers.enter_context(
-                forked_workers.ForkedWorkers(forks))
-            if not dry_run and "://" not in config.out and forked_workers.may_fork(
-                    "the plots' process", otherwise="is not started: the plots are drawn after the job"):
-                from pipeline.plotter import Plotter  # forked after the workers: they hold none of its pipes
-                plotter = Plotter(close_in_child=pool.parent_fds() if pool else [])
-            started = time.perf_counter()
-            with beam.Pipeline(runner=default_runner(beam_args, pool), options=options) as p:
-                build_pipeline(p, config, sources)
-                graph_s = time.perf_counter() - started
-        job_s = time.perf_counter() - started - graph_s  # the runner: translation, workers, every step
-        if dry_run:
-            # The runner translated and checked the job graph without submitting it (Dataflow can do
-            # this offline and without credentials); nothing ran, so there is nothing to report.
-            job = getattr(p.result, "job", None)
-            return {"dry_run": True, "runner": type(p.runner).__name__,
-                    "job_name": getattr(getattr(job, "proto", None), "name", None),
-                    "transforms": len(p.to_runner_api().components.transforms)}
-        return _report(config, p.result, plotter, started, graph_s, job_s, pool.started if pool else 0)
-    finally:
-        if plotter is not None:
-            plotter.close()
+    started = time.perf_counter()
+    with beam.Pipeline(runner=default_runner(options), options=options) as p:
+        build_pipeline(p, config, sources)
+        graph_s = time.perf_counter() - started
+    job_s = time.perf_counter() - started - graph_s  # the runner: translation, workers, every step
+    if dry_run:
+        # The runner translated and checked the job graph without submitting it (Dataflow can do
+        # this offline and without credentials); nothing ran, so there is nothing to report.
+        job = getattr(p.result, "job", None)
+        return {"dry_run": True, "runner": type(p.runner).__name__,
+                "job_name": getattr(getattr(job, "proto", None), "name", None),
+                "transforms": len(p.to_runner_api().components.transforms)}
+    return _report(config, p.result, started, graph_s, job_s)
 
 
-def _report(config: BuildConfig, result, plotter, started: float, graph_s: float, job_s: float,
-            forked: int) -> dict:
+def _report(config: BuildConfig, result, started: float, graph_s: float, job_s: float) -> dict:
     """report.json, the plots and README.md of a finished job; returns the report."""
     from pipeline import card, report
 
@@ -337,11 +277,10 @@ def _report(config: BuildConfig, result, plotter, started: float, graph_s: float
         rep["lvlm"] = read_backend_stats(config.out)
     with outdir.cleaning_tmp(config.out):  # the job's temporary files go while the plots are drawn
         from pipeline.stats import make_plots
-        rep["plots"] = plotter.make_plots(config.out, rep) if plotter else make_plots(config.out, rep)
+        rep["plots"] = make_plots(config.out, rep)
         # Where this build's wall time went (seconds; the stages' own work is in rep["stages"]).
         rep["timing"] = {"graph_s": round(graph_s, 2), "job_s": round(job_s, 2),
-                         "report_and_plots_s": round(time.perf_counter() - started - graph_s - job_s, 2),
-                         "forked_workers": forked, "plots_process": plotter is not None}
+                         "report_and_plots_s": round(time.perf_counter() - started - graph_s - job_s, 2)}
         outdir.write_text(outdir.join(config.out, "report.json"), json.dumps(rep, indent=1, sort_keys=True))
         card.write_card(config, rep)
     return rep

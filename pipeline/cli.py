@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import logging
 import sys
 
 from pipeline.commands import COMMANDS
-from pipeline.gc_pause import gc_paused
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -30,25 +28,16 @@ class _DropBeamGcpNotice(logging.Filter):
         return not record.getMessage().startswith("apitools not found")
 
 
-def main(argv: list[str] | None = None, freeze_imports: bool = False) -> int:
-    """`mg-geo ARGS`; freeze_imports: gc.freeze() once the imports are done, so that no later
-    collection walks them again (only in a process that ends with the command: see run())."""
+def main(argv: list[str] | None = None) -> int:
+    """`mg-geo ARGS`: parse, then run the subcommand; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropBeamGcpNotice())
     logging.getLogger("apache_beam").setLevel(logging.WARNING)  # its INFO is runner chatter; -v shows it
-    with gc_paused():  # pipeline.gc_pause: the imports are ~1M objects that live on
-        parser = make_parser()
-        # Only `build` passes unknown flags on (to Beam's PipelineOptions); elsewhere they are errors.
-        args, extra = parser.parse_known_args(argv)
-        before_imports = getattr(args, "before_imports", None)
-        if before_imports is not None:  # what must happen while the process is small (a fork)
-            before_imports(args, extra)
-        for module in getattr(args, "preload", ()):  # the command's own heavy imports
-            importlib.import_module(module)
-    if freeze_imports:
-        gc.freeze()
+    parser = make_parser()
+    # Only `build` passes unknown flags on (to Beam's PipelineOptions); elsewhere they are errors.
+    args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
@@ -59,18 +48,8 @@ def main(argv: list[str] | None = None, freeze_imports: bool = False) -> int:
 
 
 def run() -> None:
-    """The `mg-geo` process: main(), then exit without the interpreter's final garbage collections.
-
-    After a build the heap holds Beam, pyarrow, matplotlib and the geocoder's tables; the
-    collections Python runs at exit walk all of it (0.58 s measured after a 2,000-photo build,
-    longer than some commands). Frozen objects are skipped; nothing is left to flush by then (files
-    are closed, output is written). main() itself stays free of this, for callers in a process
-    that goes on (tests, notebooks)."""
-    code = main(freeze_imports=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    gc.freeze()
-    sys.exit(code)
+    """The `mg-geo` console script."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -242,80 +242,20 @@ def _stdout_to_stderr():
         os.close(saved)
 
 
-def import_img2dataset():
-    """img2dataset, imported without torch where torch is not loaded yet.
-
-    Its writer imports webdataset, whose __init__ imports torch whenever it is installed (1.6-2 s
-    and ~200 MB here) for dataset classes img2dataset never uses; without torch, webdataset stands
-    in empty classes. Those stay with img2dataset's copy: webdataset is then dropped from
-    sys.modules, so code that imports it later (training) gets it whole, with torch."""
-    if "img2dataset" in sys.modules or "torch" in sys.modules:
-        import img2dataset
-        return img2dataset
-    sys.modules["torch"] = None  # `import torch` raises ModuleNotFoundError, as if not installed
-    try:
-        import img2dataset
-    finally:
-        del sys.modules["torch"]
-        for name in [n for n in sys.modules if n == "webdataset" or n.startswith("webdataset.")]:
-            del sys.modules[name]
-    return img2dataset
-
-
 def img2dataset_download(**kwargs) -> None:
-    """img2dataset.download with the process-wide settings it needs: no update check
-    (albumentations phones home at import otherwise), no wandb, and our SIGINT handler restored
-    (img2dataset installs one that exits the process with status 0), and no tqdm monitor thread."""
-    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # read at import, inherited by spawned workers
+    """img2dataset.download (its public API, its own worker processes) with the settings it needs:
+    no update check (albumentations phones home at import otherwise), no wandb, progress on
+    stderr, and our SIGINT handler restored (img2dataset installs one that exits with status 0)."""
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # read at import, inherited by its workers
     os.environ.setdefault("WANDB_MODE", "disabled")
-    img2dataset = import_img2dataset()
-    from tqdm import tqdm
+    import img2dataset
 
     previous = signal.getsignal(signal.SIGINT)
-    # No tqdm monitor thread: it outlives the download, and a process with a thread running
-    # cannot fork the build's workers (pipeline.forked_workers) that `build --download` runs next.
-    monitor_interval, tqdm.monitor_interval = tqdm.monitor_interval, 0
     try:
-        with _stdout_to_stderr(), _pool_workers_forked():
+        with _stdout_to_stderr():
             img2dataset.download(enable_wandb=False, distributor="multiprocessing", **kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)
-        tqdm.monitor_interval = monitor_interval
-
-
-@contextlib.contextmanager
-def _pool_workers_forked():
-    """img2dataset's pool starts its workers as new interpreters ("spawn"), each importing
-    img2dataset again (OpenCV and albumentations for its resizer, webdataset and through it torch):
-    3.4-4 s of CPU per worker, and a new worker every 5 shards (maxtasksperchild). This process
-    has imported all of it already, so where it may fork (Linux, no thread running: the rule the
-    build's own workers follow, pipeline.forked_workers) the pool forks them, as Python's pools
-    did by default on Linux; so is its logger process (another ~4 s of imports).
-    MG_GEO_FORK_WORKERS=0 keeps img2dataset's own way."""
-    from img2dataset import distributor
-    from pipeline.forking import may_fork
-
-    if not may_fork("img2dataset's workers"):
-        yield
-        return
-    import multiprocessing.context
-
-    from img2dataset.logger import LoggerProcess
-
-    spawn_only = distributor.get_context
-
-    def get_context(method=None):
-        return spawn_only("fork" if method == "spawn" else method)
-
-    log.info("img2dataset's worker and logger processes are forked from this one")
-    distributor.get_context = get_context
-    # The logger process is a SpawnProcess subclass: started the way a ForkProcess starts.
-    LoggerProcess._Popen = staticmethod(multiprocessing.context.ForkProcess._Popen)
-    try:
-        yield
-    finally:
-        distributor.get_context = spawn_only
-        del LoggerProcess._Popen  # SpawnProcess's own again
 
 
 _IMG2DATASET_FILE = re.compile(r"^\d+(\.tar|\.parquet|_stats\.json)$")
@@ -343,7 +283,7 @@ def shard_name(shard_id: int) -> str:
 def summarize(out: str, n_rows: int, samples_per_shard: int) -> dict:
     """Check that img2dataset accounted for every row (tar + parquet per shard, one parquet row
     per input row) and count the outcomes with the reasons the build's ledger will show. Read
-    through fsspec, as img2dataset wrote them (and Beam-free: the download's process runs it)."""
+    through fsspec, as img2dataset wrote them."""
     import fsspec  # img2dataset's dependency
 
     fs, root = fsspec.core.url_to_fs(out)

@@ -14,14 +14,6 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 
-def use_system_allocator() -> None:
-    """Arrow's default allocator (mimalloc) keeps what the manifest pieces and their merge freed
-    for reuse that a build never makes: ~40 MiB after merging 20k rows (bench/bench_memory.py).
-    The system allocator hands large blocks back. Called where a process writes parquet."""
-    if pa.default_memory_pool().backend_name != "system":
-        pa.set_memory_pool(pa.system_memory_pool())
-
-
 def write_rows(path: str, rows: list[dict], schema: pa.Schema) -> str:
     """Rows -> one parquet file at `path`, written under a temporary name and renamed."""
     table = pa.Table.from_pylist(rows, schema=schema)

@@ -16,8 +16,8 @@ import fastjsonschema
 import jsonschema
 from apache_beam.metrics import Metrics
 
-from pipeline import manifest, parquet_pieces, writer
-from pipeline.beam_stage import METRIC_PREFIX, plan_side_input, settle_worker_heap, stage_work
+from pipeline import manifest, writer
+from pipeline.beam_stage import METRIC_PREFIX, plan_side_input, stage_work
 from pipeline.data_files import load_json
 from pipeline.record import Record, Reject, Rejection
 from pipeline.stash import StashReader, stash
@@ -54,14 +54,12 @@ class _WriteGroups(beam.DoFn):
         self.out, self.limits, self.fail_after = out, limits, fail_after
 
     def setup(self):
-        parquet_pieces.use_system_allocator()
         self.checker = SampleChecker(load_json(RECORD_SCHEMA))
         self.n_samples = Metrics.counter(METRIC_PREFIX + STAGE, "samples")
         self.n_shards = Metrics.counter(METRIC_PREFIX + STAGE, "shards")
         self.n_rejected = Metrics.counter(METRIC_PREFIX + STAGE, "rejected")
         self.n_in = Metrics.counter(METRIC_PREFIX + STAGE, "in")
         self.micros = Metrics.counter(METRIC_PREFIX + STAGE, "micros")  # like every stage: work time
-        settle_worker_heap()
 
     def process(self, element, numbering):
         start = time.perf_counter()

@@ -1,8 +1,7 @@
 """Running our code in a process of its own, as a user runs it.
 
-A test process that has run a Beam job holds gRPC threads, and one that serves a fake endpoint
-holds Python threads: neither may fork its workers (pipeline.forked_workers). What must be seen
-as `mg-geo` runs on a user's machine therefore runs in a fresh child process."""
+What must be seen as `mg-geo` runs on a user's machine (its exit status, its output, Beam's
+multi_processing workers started from it) runs in a fresh child process."""
 from __future__ import annotations
 
 import os

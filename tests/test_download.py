@@ -11,7 +11,6 @@ import csv
 import hashlib
 import io
 import json
-import threading
 import shlex
 import tarfile
 from pathlib import Path
@@ -272,15 +271,6 @@ def test_build_with_download_fetches_url_tables_itself(tmp_path, exif_samples):
     assert json.loads((out / "report.json").read_text())["conservation_ok"]
 
 
-def test_download_leaves_no_tqdm_monitor_thread(run):
-    """img2dataset's progress bars would start tqdm's monitor thread, which outlives the download;
-    with a thread running, `build --download` could not fork its workers (pipeline.forked_workers)."""
-    from tqdm import tqdm
-
-    assert tqdm.monitor_interval == 10  # tqdm's own setting, restored
-    assert not [t for t in threading.enumerate() if type(t).__name__ == "TMonitor"]
-
-
 def test_shard_size_spreads_a_table_over_several_shards_unless_told():
     # One shard would mean one downloading process and one building worker.
     assert shard_size(2004) == 251 and -(-2004 // shard_size(2004)) == AUTO_SHARDS
@@ -326,11 +316,10 @@ def _shard_contents(dl: Path) -> tuple[list, list]:
     return sorted(members), sorted(rows)
 
 
-def test_img2dataset_workers_are_forked_and_download_the_same(tmp_path, exif_samples):
-    """In a fresh `mg-geo` process (no thread running) img2dataset's pool workers and logger are
-    forked instead of spawned (each spawn re-imports img2dataset, torch included); the shards are
-    the same as with img2dataset's own spawning (MG_GEO_FORK_WORKERS=0). Local paths: urllib
-    fetches them as file:// URLs, one is missing."""
+def test_img2dataset_processes_download_every_row_in_a_fresh_process(tmp_path, exif_samples):
+    """`mg-geo download` in a process of its own with img2dataset's 2 worker processes (its own
+    process handling): every row is in a shard's parquet, the photos in the shards. Local paths:
+    urllib fetches them as file:// URLs, one is missing."""
     from fresh_process import child_env, run_mg_geo
 
     table = tmp_path / "photos.csv"
@@ -340,32 +329,10 @@ def test_img2dataset_workers_are_forked_and_download_the_same(tmp_path, exif_sam
         for i, name in enumerate(GPS_PHOTOS):
             writer.writerow([name, exif_samples / "gps" / f"{name}.jpg", f"{TUSCANY[0] + i / 1000:.4f}", TUSCANY[1]])
         writer.writerow(["missing", tmp_path / "not-there.jpg", "43.0", "11.0"])
-    got = {}
-    for switch in ("1", "0"):
-        dl = tmp_path / f"dl-{switch}"
-        done = run_mg_geo(["download", "--source", f"table:{table}", "--image-column", "path", "--out", str(dl),
-                           "--processes", "2", "--threads", "4", "--samples-per-shard", "5"],
-                          child_env(MG_GEO_FORK_WORKERS=switch, NO_ALBUMENTATIONS_UPDATE="1"))
-        assert ("are forked from this one" in done.stderr) == (switch == "1"), done.stderr[-2000:]
-        got[switch] = _shard_contents(dl)
-    members, rows = got["1"]
-    assert got["1"] == got["0"]
+    dl = tmp_path / "dl"
+    run_mg_geo(["download", "--source", f"table:{table}", "--image-column", "path", "--out", str(dl),
+                "--processes", "2", "--threads", "4", "--samples-per-shard", "5"],
+               child_env(NO_ALBUMENTATIONS_UPDATE="1"))
+    members, rows = _shard_contents(dl)
     assert len(members) == 2 * len(GPS_PHOTOS) and len(rows) == len(GPS_PHOTOS) + 1
     assert [status for _, _, status, row_id in rows if row_id == "missing"] == ["failed_to_download"]
-
-
-def test_img2dataset_is_imported_without_torch_and_webdataset_stays_whole():
-    """torch is not loaded for img2dataset (its webdataset would load it for nothing); webdataset
-    imported afterwards by other code (training) is the real one, with torch's classes."""
-    from fresh_process import run_python
-
-    code = ("import sys\n"
-            "from pipeline.download import import_img2dataset\n"
-            "import_img2dataset()\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n"
-            "import img2dataset.writer, webdataset\n"
-            "from torch.utils.data import IterableDataset\n"
-            "assert issubclass(webdataset.WebDataset, IterableDataset)\n"
-            "assert not issubclass(img2dataset.writer.wds.WebDataset, IterableDataset)\n"
-            "print('ok')\n")
-    assert run_python(["-c", code]).stdout.strip() == "ok"

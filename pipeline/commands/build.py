@@ -68,8 +68,8 @@ def register(sub) -> None:
     g = p.add_argument_group("URL tables (img2dataset; the `download` extra)")
     g.add_argument("--download", action="store_true",
                    help="fetch the images of every table: source (as `mg-geo download` does) into "
-                        "OUT/_download/, kept across runs so a rerun resumes; failed URLs become ledger rows. "
-                        "On the local runner the build reads each shard as soon as it is downloaded")
+                        "OUT/_download/, kept across runs so a rerun resumes; failed URLs become ledger rows; "
+                        "then the build reads the downloaded shards")
     g.add_argument("--download-processes", type=positive_int, default=1, help="download processes (default 1)")
     g.add_argument("--download-threads", type=positive_int, default=32, help="threads per process (default 32)")
     g.add_argument("--download-timeout", type=float, default=10.0, help="seconds per request (default 10)")
@@ -81,7 +81,7 @@ def register(sub) -> None:
     else:
         add_lvlm_arguments(p)
         add_part_arguments(p)
-    p.set_defaults(func=run, accepts_extra=True, preload=("pipeline.build",), before_imports=start_download_helper)
+    p.set_defaults(func=run, accepts_extra=True)
 
 
 def config_from_args(args):
@@ -98,54 +98,24 @@ def config_from_args(args):
         source_options=source_options, lvlm_args=args)
 
 
-def download_tables(config, args, stack: contextlib.ExitStack, helper=None) -> tuple[list[str], list]:
-    """Each table: source -> its images fetched with img2dataset -> the wds: source of those shards
-    (the ledger then names the shard/KEY of a row; the row's own columns are in the provenance).
-    Returns (the build's sources, the downloads running beside it).
-
-    On the local runner, where this process may fork, each table is downloaded in a child process
-    while the build reads its shards as img2dataset finishes them (pipeline.download_background);
-    otherwise (another runner, a dry run, MG_GEO_FORK_WORKERS=0) every table is downloaded first.
-    `helper`: the child forked when the command started (download_background.start_helper), which
-    runs the first table's download."""
-    from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
-
-    from pipeline import forking
+def download_tables(config, args, stack: contextlib.ExitStack) -> list[str]:
+    """Each table: source -> its images fetched with img2dataset (its public `download()`, its own
+    processes) -> the wds: source of those shards, which the build then reads (the ledger names
+    the shard/KEY of a row; the row's own columns are in the provenance). Returns the build's sources."""
     from pipeline.download import DownloadOptions, prepared_download
 
     options = DownloadOptions(processes=args.download_processes, threads=args.download_threads,
                               timeout_s=args.download_timeout)
-    tables = [(i, spec) for i, spec in enumerate(config.sources) if spec.startswith("table:")]
-    beside = bool(tables) and not forking.runner_given(args.extra) \
-        and not PipelineOptions(args.extra).view_as(TestOptions).dry_run \
-        and forking.may_fork("downloads", otherwise="run before the build, not beside it")
-    sources, background = list(config.sources), []
-    for i, spec in tables:
+    sources = list(config.sources)
+    for i, spec in enumerate(config.sources):
+        if not spec.startswith("table:"):
+            continue
         download = stack.enter_context(prepared_download(
             spec, f"{config.out}/_download/table-{i}", options, config.source_options))
-        if beside:
-            from pipeline.download_background import BackgroundDownload
-            running = BackgroundDownload(download, helper)
-            helper = None  # the later tables fork their own child
-            stack.callback(running.stop)
-            config.shard_waits[download.wds_spec] = running.wait
-            background.append(running)
-        else:
-            _log_download(spec, download.run())
+        summary = download.run()
+        log.info("downloaded %s: %s", spec, {k: summary[k] for k in ("rows", "downloaded")})
         sources[i] = download.wds_spec
-    return sources, background
-
-
-def _log_download(spec: str, summary: dict) -> None:
-    log.info("downloaded %s: %s", spec, {k: summary[k] for k in ("rows", "downloaded")})
-
-
-def start_download_helper(args, extra: list[str]) -> None:
-    """Called by the command line before it imports Beam (pipeline.download_background): the
-    download's process, forked while this one is small, imports img2dataset meanwhile."""
-    from pipeline.download_background import start_helper
-
-    args.download_helper = start_helper(args.download, args.source, extra)
+    return sources
 
 
 def run(args) -> int:
@@ -155,25 +125,10 @@ def run(args) -> int:
 
     try:
         with contextlib.ExitStack() as stack:
-            helper = getattr(args, "download_helper", None)
-            if helper is not None:
-                stack.callback(helper.close)
             config = config_from_args(args)
-            background = []
             if args.download:
-                config.sources, background = download_tables(config, args, stack, helper)
-            try:
-                report = run_build(config, args.extra)
-            except Exception as exc:
-                # A shard img2dataset gave up on fails the job where a worker waited for it: the
-                # download's own report says why, as it would before a build.
-                for running in background:
-                    why = running.failed()
-                    if why:
-                        raise DownloadIncomplete(why) from exc
-                raise
-            for running in background:
-                _log_download(running.download.spec, running.finish())
+                config.sources = download_tables(config, args, stack)
+            report = run_build(config, args.extra)
     except BadArgument as exc:
         # A bad argument: one clear message, no traceback, nothing built.
         print(f"mg-geo build: error: {exc}", file=sys.stderr)

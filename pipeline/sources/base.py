@@ -29,10 +29,6 @@ class Source:
     def units(self) -> Iterable[str]:
         raise NotImplementedError
 
-    def await_unit(self, unit: str) -> None:
-        """Return once `unit` can be read (the wds: source of a download still running waits for
-        the shard); raises when it never will be. Most sources: at once."""
-
     def records(self, unit: str) -> Iterable[tuple[Record, Optional[Reject]]]:
         raise NotImplementedError
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import braceexpand
 from apache_beam.io.filesystems import FileSystems
@@ -21,9 +21,6 @@ from pipeline.download import failed_downloads
 from pipeline.record import Record, Reject, make_key
 from pipeline.sources.base import IMAGE_EXTENSIONS, Source, SourceError, relative_to
 from pipeline.sources.columns import LAT_COLUMNS, LON_COLUMNS, open_decompressed, value_text
-
-if TYPE_CHECKING:
-    from pipeline.download_background import ShardWait
 
 IMAGE_SUFFIXES = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # preference order
 _GLOB = re.compile(r"[*?\[]")
@@ -86,8 +83,6 @@ def _json_key(meta: dict, explicit: Optional[str], candidates: tuple[str, ...]) 
 class WdsSource(Source):
     """Options: lat_column, lon_column (json keys; default lat/latitude and lon/lng/long/longitude)."""
     kind = "wds"
-    # Set by `build --download` when img2dataset is still writing the shards (waits for each).
-    shard_wait: Optional["ShardWait"] = None
 
     def _match(self) -> tuple[list[str], list[str], list[str]]:
         """(shard paths, brace-expanded literal paths that do not exist, globbed non-tar files)."""
@@ -109,8 +104,6 @@ class WdsSource(Source):
         return sorted(shards), missing, skipped
 
     def check(self):
-        if self.shard_wait is not None:
-            return  # the shards are being written: each is waited for, or the download's error raised
         try:
             shards, missing, skipped = self._match()
         except Exception as exc:  # noqa: BLE001 - bad brace syntax, unknown filesystem scheme
@@ -124,9 +117,6 @@ class WdsSource(Source):
             raise SourceError(f"wds pattern {self.location!r} matches no tar shard{extra}")
 
     def units(self):
-        if self.shard_wait is not None:  # a brace range of shards, not there yet
-            yield from braceexpand.braceexpand(self.location)
-            return
         yield from self._match()[0]
 
     def _root(self) -> str:
@@ -134,10 +124,6 @@ class WdsSource(Source):
         # two folders (/data/a/00000.tar, /data/b/00000.tar) keep distinct input ids.
         fixed = re.split(r"[*?\[{]", self.location, maxsplit=1)[0]
         return posixpath.dirname(fixed) if "/" in fixed else ""
-
-    def await_unit(self, shard):
-        if self.shard_wait is not None:
-            self.shard_wait.wait(shard)
 
     def records(self, shard):
         yield from self._tar_records(shard)
