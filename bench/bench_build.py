@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.build import BuildConfig, run_build  # noqa: E402
-from pipeline.sample_images import write_samples  # noqa: E402
+from pipeline.beam.run import BuildConfig, run_build  # noqa: E402
+from pipeline.io.sample_set import write_samples  # noqa: E402
 
 
 def photos_for(work: Path, n: int) -> Path:

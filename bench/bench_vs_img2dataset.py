@@ -1,6 +1,6 @@
 """Benchmark: MG-Geo against img2dataset on the same photos, in one run (so machine noise is shared).
 
-N generated photos (pipeline.sample_images, plus its few bad files) are served by a loopback HTTP
+N generated photos (pipeline.io.sample_set, plus its few bad files) are served by a loopback HTTP
 server (tests/http_photo_server.py) and compared three ways, each with 2 processes:
   (a) img2dataset alone: URLs -> webdataset, resized to a longer side of 768 (keep_ratio_largest,
       only if bigger, as our image stage), img2dataset's other defaults (EXIF extraction, sha256);
@@ -39,14 +39,14 @@ from http_photo_server import PhotoServer  # noqa: E402  (standard library only)
 
 # Both sides alike: no update check at import (albumentations, which img2dataset imports), no wandb.
 QUIET_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
-EXPECTED_FILE = "expected.jsonl"  # pipeline.sample_images.EXPECTED_FILE (not imported: see above)
+EXPECTED_FILE = "expected.jsonl"  # pipeline.io.sample_set.EXPECTED_FILE (not imported: see above)
 
 
 def photos_dir(work: Path, n: int, seed: int) -> Path:
     # Same name and seed as bench/bench_build.py: the two benchmarks share the generated photos.
     photos = work / (f"samples-{n}" if seed == 1 else f"samples-{n}-seed{seed}")
     if not (photos / EXPECTED_FILE).exists():
-        subprocess.run([sys.executable, "-c", "import sys; from pipeline.sample_images import write_samples; "
+        subprocess.run([sys.executable, "-c", "import sys; from pipeline.io.sample_set import write_samples; "
                         "write_samples(sys.argv[1], int(sys.argv[2]), seed=int(sys.argv[3]))",
                         str(photos), str(n), str(seed)], check=True, cwd=ROOT)
     return photos
@@ -113,7 +113,7 @@ def profile_build(source: str, out: Path, top: int) -> None:
     import cProfile
     import pstats
 
-    from pipeline.build import BuildConfig, run_build
+    from pipeline.beam.run import BuildConfig, run_build
 
     profiler = cProfile.Profile()
     profiler.enable()
@@ -156,7 +156,7 @@ def main() -> int:
     results = {}
     with PhotoServer(folders={"/photos/": photos}, max_concurrent=256) as server:
         n, http_table, file_table = write_tables(photos, server.base, vs / "tables")
-        if args.samples_per_shard is None:  # pipeline.download.shard_size (not imported: see the top)
+        if args.samples_per_shard is None:  # pipeline.io.download.shard_size (not imported: see the top)
             args.samples_per_shard = max(100, min(10_000, -(-n // 8)))
         print(f"{n} photos ({args.n} good + bad ones), {args.processes} processes, "
               f"{args.threads} threads each, {os.cpu_count()} CPUs, img2dataset shards of {args.samples_per_shard}; "

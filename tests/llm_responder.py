@@ -4,7 +4,7 @@ The build's prompts say what they want, so the answer can be derived from the pr
 
     clue       (prompts/clue/request.jinja states the true location)  -> a clue JSON
                (schemas/clue.schema.json) with 3 specific, distinct clues and the true country,
-               which passes every filter of pipeline.quality
+               which passes every filter of pipeline.stages.quality
     blind guess (prompts/dialogue/guess.jinja, no location in it)      -> a prediction whose
                correctness is fixed per image by a hash of its sha256 (see GUESS_KINDS): a wrong
                country, the right country only, or right down to the city. The truth comes from

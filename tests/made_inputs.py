@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational as R
 
-from pipeline.sample_images import write_samples
+from pipeline.io.sample_set import write_samples
 
 
 def gps_jpeg(lat: tuple, lat_ref: str, lon: tuple, lon_ref: str, colour=(90, 120, 30)) -> bytes:

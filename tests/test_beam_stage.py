@@ -7,9 +7,9 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.beam_stage import ApplyStage, ApplyStages, stage_metrics
-from pipeline.record import Record, Reject
-from pipeline.stage import Stage, run_stages
+from pipeline.beam.wrapper import ApplyStage, ApplyStages, stage_metrics
+from pipeline.core.record import Record, Reject
+from pipeline.core.stage import Stage, run_stages
 
 
 class _DropOdd(Stage):

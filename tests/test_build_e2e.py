@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.build import BuildConfig, run_build
+from pipeline.beam.run import BuildConfig, run_build
 from pipeline.cli import main
-from pipeline.data_files import load_json
-from pipeline.writer import ShardLimits
+from pipeline.core.data_files import load_json
+from pipeline.io.shards import ShardLimits
 from fresh_process import child_env, run_mg_geo
 from made_inputs import make_inputs
 
@@ -76,7 +76,7 @@ def test_the_build_leaves_only_its_outputs(built):
 
 
 def test_a_failed_cleanup_is_raised_after_the_body_ran(tmp_path, monkeypatch):
-    from pipeline import outdir
+    from pipeline.io import outdir
 
     (tmp_path / "_tmp").mkdir()
     ran = []
@@ -255,8 +255,8 @@ def test_no_flatten_carries_whole_records(tmp_path, exif_samples):
     tagged output of the source; the one Flatten left joins the paths of the ledger's pieces."""
     import apache_beam as beam
 
-    from pipeline.build import build_pipeline
-    from pipeline.sources import parse_source
+    from pipeline.beam.run import build_pipeline
+    from pipeline.io.sources import parse_source
 
     inputs = make_inputs(tmp_path / "in", exif_samples)
     config = _config(inputs, tmp_path / "out")

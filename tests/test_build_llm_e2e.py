@@ -35,7 +35,7 @@ from llm_responder import MISBEHAVIOURS, SmartResponder, request_kind
 from pipeline.cli import main
 from pipeline.lvlm import openai_backend
 from pipeline.lvlm.retry import backoff_delay
-from pipeline.sample_images import write_samples
+from pipeline.io.sample_set import write_samples
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-mggeo-TEST-4c1d9e7a0b3f"  # recognisable in any file or log it might leak into

@@ -10,7 +10,7 @@ import sys
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from pipeline.assistant import Assistant, PhotoError, load_photo
+from pipeline.evaluate.assistant import Assistant, PhotoError, load_photo
 from pipeline.commands import chat as chat_command
 from pipeline.lvlm.types import LvlmBackend, LvlmResult
 

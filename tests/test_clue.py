@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.clue import ClueStage, place_text
+from pipeline.stages.clue import ClueStage, place_text
 from pipeline.lvlm.types import LvlmBackend, LvlmResult
-from pipeline.prompt_files import PromptFileError, load_prompt_set, load_schema
-from pipeline.quality import ClueThresholds, country_names, has_coordinates
-from pipeline.record import Record, make_key
-from pipeline.selection import Selection, country_quotas, in_fraction, parse_target, select
-from pipeline.stage import run_stage
+from pipeline.core.prompt_files import PromptFileError, load_prompt_set, load_schema
+from pipeline.stages.quality import ClueThresholds, country_names, has_coordinates
+from pipeline.core.record import Record, make_key
+from pipeline.stages.selection import Selection, country_quotas, in_fraction, parse_target, select
+from pipeline.core.stage import run_stage
 from made_inputs import small_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,10 +130,10 @@ def test_data_files_are_found_from_any_working_directory(monkeypatch, tmp_path):
 
 def test_data_files_are_found_in_an_installed_layout(monkeypatch, tmp_path):
     """A regular install has no repo beside the package: setup.py's data_files put prompts/ and
-    schemas/ under <prefix>/share/mg-geo/, where pipeline.data_files looks next."""
+    schemas/ under <prefix>/share/mg-geo/, where pipeline.core.data_files looks next."""
     import shutil
 
-    from pipeline import data_files
+    from pipeline.core import data_files
 
     share = tmp_path / "share" / "mg-geo"
     for top in ("prompts", "schemas"):
@@ -374,7 +374,7 @@ def test_runs_inside_the_beam_wrapper(jpeg):
     import apache_beam as beam
     from apache_beam.testing.util import assert_that, equal_to
 
-    from pipeline.beam_stage import ApplyStage
+    from pipeline.beam.wrapper import ApplyStage
 
     good = result(good_clue_answer())
     few = result(_with(clues=good_clue_answer()["clues"][:1]))

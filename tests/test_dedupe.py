@@ -12,14 +12,14 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from pipeline import dedupe
-from pipeline.beam_stage import stage_metrics
-from pipeline.dedupe import (Dedupe, ImageInfo, band_keys, band_layout, dedupe_records,
+from pipeline.global_steps import dedupe
+from pipeline.beam.wrapper import stage_metrics
+from pipeline.global_steps.dedupe import (Dedupe, ImageInfo, band_keys, band_layout, dedupe_records,
                              edges_in_group, find_duplicates, group_edges, group_entries,
                              image_info, pack_member, pack_shard, plan_rejects, resolve, shard_edges,
                              shard_of, unpack_member, unpack_shard)
-from pipeline.record import Record
-from pipeline.unionfind import UnionFind
+from pipeline.core.record import Record
+from pipeline.global_steps.unionfind import UnionFind
 
 def hamming(a: int, b: int) -> int:
     return bin(a ^ b).count("1")

@@ -8,11 +8,11 @@ from collections import Counter
 
 import pytest
 
-from pipeline.dialogue import DialogueStage, neighbour_names, same_region, score_prediction
+from pipeline.stages.dialogue import DialogueStage, neighbour_names, same_region, score_prediction
 from pipeline.lvlm.types import LvlmBackend, LvlmResult
-from pipeline.quality import country_names
-from pipeline.record import Record, make_key
-from pipeline.stage import run_stage
+from pipeline.stages.quality import country_names
+from pipeline.core.record import Record, make_key
+from pipeline.core.stage import run_stage
 from made_inputs import small_jpeg
 
 LVIV = {"continent": "Europe", "country_code": "UA", "country": "Ukraine", "sovereign_code": "UA",

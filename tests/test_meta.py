@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pipeline.meta import MetaStage
-from pipeline.record import Record, Reject, make_key
-from pipeline.stage import run_stage
+from pipeline.stages.meta import MetaStage
+from pipeline.core.record import Record, Reject, make_key
+from pipeline.core.stage import run_stage
 
 PARIS = {"continent": "Europe", "country": "France", "country_code": "FR", "admin1": "Ile-de-France",
          "admin2": "Paris", "city": "Paris"}

@@ -19,12 +19,12 @@ import pytest
 import reverse_geocoder
 from PIL import Image
 
-from pipeline.agreement import label_agreement
-from pipeline.build import BuildConfig, run_build
+from pipeline.report.agreement import label_agreement
+from pipeline.beam.run import BuildConfig, run_build
 from pipeline.geo.places import load_places
-from pipeline.record import Record
-from pipeline.sources import SourceError, parse_source
-from pipeline.sources.osv5m import Osv5mSource
+from pipeline.core.record import Record
+from pipeline.io.sources import SourceError, parse_source
+from pipeline.io.sources.osv5m import Osv5mSource
 
 FULL_COLUMNS = ["id", "latitude", "longitude", "thumb_original_url", "country", "sequence", "captured_at",
                 "lon_bin", "lat_bin", "cell", "land_cover", "road_index", "drive_side", "climate", "soil",
@@ -186,7 +186,7 @@ def test_units_cut_rows_whole_and_log_orphan_images(built, caplog):
     location = spec.split(":", 1)[1]
     small, whole = Osv5mSource(spec, location, {"chunk_bytes": 100}), Osv5mSource(spec, location, {})
     small.check()
-    with caplog.at_level(logging.INFO, logger="pipeline.sources.osv5m"):
+    with caplog.at_level(logging.INFO, logger="pipeline.io.sources.osv5m"):
         small_units = list(small.units())
     log = caplog.text
     assert "osv5m train: 17 rows" in log and "1 images have no csv row" in log

@@ -5,9 +5,9 @@ import gzip
 
 import pytest
 
-from pipeline.read import DEFAULT_MAX_BYTES, ReadStage
-from pipeline.record import Record, Reject
-from pipeline.stage import run_stage
+from pipeline.stages.read import DEFAULT_MAX_BYTES, ReadStage
+from pipeline.core.record import Record, Reject
+from pipeline.core.stage import run_stage
 
 
 def record(path=None, data=None) -> Record:

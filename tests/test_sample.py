@@ -10,9 +10,9 @@ import pytest
 from PIL import ExifTags, Image
 
 from pipeline.commands import sample as sample_command
-from pipeline.geocode import GeocodeStage
-from pipeline.record import Record
-from pipeline.sample_images import BAD_KINDS, CONTINENTS, EXPECTED_FILE, write_samples
+from pipeline.stages.geocode import GeocodeStage
+from pipeline.core.record import Record
+from pipeline.io.sample_set import BAD_KINDS, CONTINENTS, EXPECTED_FILE, write_samples
 
 N = 12
 

@@ -6,12 +6,12 @@ import copy
 import jsonschema
 import pytest
 
-from pipeline.build import BuildConfig, record_stages
-from pipeline.data_files import load_json
-from pipeline.sources import parse_source
-from pipeline.stage import run_stages
-from pipeline.write_parts import RECORD_SCHEMA, SampleChecker
-from pipeline.writer import sample_body
+from pipeline.beam.run import BuildConfig, record_stages
+from pipeline.core.data_files import load_json
+from pipeline.io.sources import parse_source
+from pipeline.core.stage import run_stages
+from pipeline.beam.write_parts import RECORD_SCHEMA, SampleChecker
+from pipeline.io.shards import sample_body
 
 SCHEMA = load_json(RECORD_SCHEMA)
 

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset
 
-from pipeline.record import SAFE_KEY
-from pipeline.sources import SourceError, parse_source
-from pipeline.sources.table import TableSource
-from pipeline.sources.wds import WdsSource
+from pipeline.core.record import SAFE_KEY
+from pipeline.io.sources import SourceError, parse_source
+from pipeline.io.sources.table import TableSource
+from pipeline.io.sources.wds import WdsSource
 
 GPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "exif-samples" / "gps"
 ODD_NAME = "my photo.v2 Zürich é.jpg"  # spaces, dots and non-ASCII in one file name
@@ -383,7 +383,7 @@ def test_sources_and_units_pickle(shards, tmp_path):
 
 
 def test_exif_units_are_batches_that_cover_every_photo_once(exif_samples, monkeypatch):
-    from pipeline.sources import exif as exif_module
+    from pipeline.io.sources import exif as exif_module
 
     whole = [r.key for r, _ in collect(parse_source(f"exif:{exif_samples}", {}))]
     monkeypatch.setattr(exif_module, "UNITS_WANTED", 4)

@@ -11,9 +11,9 @@ import pytest
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.beam_stage import stage_metrics
-from pipeline.record import Record
-from pipeline.split import (AssignSplit, assign_splits, cell_of, check_ratios, split_of_unit,
+from pipeline.beam.wrapper import stage_metrics
+from pipeline.core.record import Record
+from pipeline.global_steps.split import (AssignSplit, assign_splits, cell_of, check_ratios, split_of_unit,
                             unit_ids)
 
 R_KM = 6371.0

@@ -5,8 +5,8 @@ import apache_beam as beam
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that
 
-from pipeline.record import Record, make_key
-from pipeline.stash import STASH_DIR, BundleStash, StashReader, load, stash, unstash
+from pipeline.core.record import Record, make_key
+from pipeline.io.stash import STASH_DIR, BundleStash, StashReader, load, stash, unstash
 
 
 def _whole(i: int) -> Record:

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import stats
-from pipeline.build import LEDGER_SCHEMA, BuildConfig, run_build
-from pipeline.manifest import MANIFEST_SCHEMA
+from pipeline.report import plots
+from pipeline.beam.run import LEDGER_SCHEMA, BuildConfig, run_build
+from pipeline.io.manifest import MANIFEST_SCHEMA
 from pipeline.commands import COMMANDS
 
 
@@ -35,7 +35,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def _pixel_colours(png: Path, rows: list[dict], lon: float, lat: float) -> set[tuple[int, int, int]]:
     """RGB colours in a 5x5 box around where (lon, lat) lands in the saved map."""
-    fig = stats.world_map(pa.Table.from_pylist(rows).select(["split", "lat", "lon"]))  # the saved file's layout
+    fig = plots.world_map(pa.Table.from_pylist(rows).select(["split", "lat", "lon"]))  # the saved file's layout
     fig.canvas.draw()
     x, y = fig.axes[0].transData.transform((lon, lat))
     with Image.open(png) as im:
@@ -73,7 +73,7 @@ def test_stats_on_real_build_writes_linked_pngs(built, capsys):
 def test_map_has_points_where_the_photos_are(built):
     rows = pq.read_table(built / "manifest.parquet").to_pylist()
     png = built / "plots" / "world_map.png"
-    train = _rgb(stats.SPLIT_COLOURS["train"])
+    train = _rgb(plots.SPLIT_COLOURS["train"])
     finland = next(r for r in rows if r["country_code"] == "FI")
     italy = next(r for r in rows if r["country_code"] == "IT")
     assert train in _pixel_colours(png, rows, finland["lon"], finland["lat"])
@@ -111,15 +111,15 @@ def test_splits_get_their_own_colours_and_no_ledger_skips_rejections(tmp_path):
             for i, (split, lat, lon, cc, name) in enumerate(places) for part in ("meta", "clue")]
     out = _hand_made_out(tmp_path, rows, ledger=[])
     assert _cli_stats(out) == 0
-    plots = json.loads((out / "report.json").read_text())["plots"]
-    assert plots == ["plots/world_map.png", "plots/countries.png", "plots/splits.png"]
+    drawn = json.loads((out / "report.json").read_text())["plots"]
+    assert drawn == ["plots/world_map.png", "plots/countries.png", "plots/splits.png"]
     assert not (out / "plots" / "rejections.png").exists()
     meta = [r for r in rows if r["part"] == "meta"]
     png = out / "plots" / "world_map.png"
     for split, lat, lon, _, _ in places:
         colours = _pixel_colours(png, meta, lon, lat)
-        assert _rgb(stats.SPLIT_COLOURS[split]) in colours, split
-        others = {_rgb(c) for s, c in stats.SPLIT_COLOURS.items() if s != split}
+        assert _rgb(plots.SPLIT_COLOURS[split]) in colours, split
+        others = {_rgb(c) for s, c in plots.SPLIT_COLOURS.items() if s != split}
         assert not colours & others, split
 
 
@@ -127,17 +127,17 @@ def test_a_map_of_more_samples_than_dots_shows_their_density(tmp_path, monkeypat
     """Past MAX_DOTS (millions of samples in a real corpus) the map counts samples per cell."""
     import numpy as np
 
-    monkeypatch.setattr(stats, "MAX_DOTS", 500)
+    monkeypatch.setattr(plots, "MAX_DOTS", 500)
     rng = np.random.default_rng(7)
     n = 2000  # around Nairobi, a dense few cells; one lone sample off Chile
     lats, lons = np.append(rng.normal(-1.29, 0.8, n), -30.5), np.append(rng.normal(36.82, 0.8, n), -75.5)
     table = pa.table({"split": ["train"] * n + ["test"], "lat": lats, "lon": lons})
-    fig = stats.world_map(table)
+    fig = plots.world_map(table)
     assert [a.get_gid() for a in fig.axes[0].get_images()] == ["samples-density"]
     assert fig.axes[0].get_title() == f"Sample locations ({n + 1}: train {n}, test 1)"
     assert len(fig.axes) == 2  # the map and its colour bar
     png = tmp_path / "map.png"
-    fig.savefig(png, dpi=stats.DPI)
+    fig.savefig(png, dpi=plots.DPI)
     fig.canvas.draw()
     with Image.open(png) as im:
         rgb = im.convert("RGB")
@@ -155,7 +155,7 @@ def test_empty_build_makes_no_plots_and_a_card_without_them(tmp_path):
     out = _hand_made_out(tmp_path, [], ledger=None)
     (out / "plots").mkdir()
     (out / "plots" / "world_map.png").write_bytes(b"stale")  # from an earlier run: must go
-    assert stats.make_plots(str(out), json.loads((out / "report.json").read_text())) == []
+    assert plots.make_plots(str(out), json.loads((out / "report.json").read_text())) == []
     assert _cli_stats(out) == 0
     assert json.loads((out / "report.json").read_text())["plots"] == []
     assert not (out / "plots" / "world_map.png").exists()

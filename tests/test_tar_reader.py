@@ -1,4 +1,4 @@
-"""pipeline.tar_reader groups tar members into samples exactly as webdataset does."""
+"""pipeline.io.tar_reader groups tar members into samples exactly as webdataset does."""
 from __future__ import annotations
 
 import io
@@ -7,7 +7,7 @@ import tarfile
 import pytest
 from webdataset import tariterators
 
-from pipeline.tar_reader import group_samples, tar_members
+from pipeline.io.tar_reader import group_samples, tar_members
 
 
 def _tar(members: list[tuple[str, bytes]], extra=()) -> bytes:

@@ -13,9 +13,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline import writer
-from pipeline.record import Record, make_key
-from pipeline.tar_writer import ShardTarWriter
+from pipeline.io import shards
+from pipeline.core.record import Record, make_key
+from pipeline.io.tar_writer import ShardTarWriter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def _samples():
         {"__key__": "d" * 110 + "-0123456789ab", "jpg": memoryview(b"long name"), "json": b"{}"},
         {"__key__": "e-000000000005", "jpg": b"x" * 511, "json": b"y" * 513, "__url__": "skipped",
          "_meta": b"not written"},
-        # more than the writer's buffer (pipeline.tar_writer.WRITE_BUFFER): passed on in pieces
+        # more than the writer's buffer (pipeline.io.tar_writer.WRITE_BUFFER): passed on in pieces
         {"__key__": "f-000000000006", "jpg": bytes(range(251)) * 6000, "json": b"{}"},
     ]
 
@@ -89,17 +89,17 @@ def _record(i: int) -> Record:
 
 def test_write_shard_is_byte_identical_to_webdataset_tarwriter(tmp_path):
     records = [_record(i) for i in range(7)]
-    path = writer.shard_path(str(tmp_path), "meta", "train", 0)
-    stats = writer.write_shard(str(tmp_path), path, records, "meta")
-    samples = [{"__key__": r.key, "jpg": r.image_bytes, "json": writer.sample_json(r, "meta")} for r in records]
+    path = shards.shard_path(str(tmp_path), "meta", "train", 0)
+    stats = shards.write_shard(str(tmp_path), path, records, "meta")
+    samples = [{"__key__": r.key, "jpg": r.image_bytes, "json": shards.sample_json(r, "meta")} for r in records]
     expected, sizes = _with_webdataset(samples)
     assert open(path, "rb").read() == expected
     assert stats["bytes"] == sum(sizes)
 
 
-BUILD_PATH = ("import sys; import pipeline.build, pipeline.cli; from pipeline.sources import parse_source; "
-              "import pipeline.writer, pipeline.write_parts, pipeline.stats, pipeline.report, pipeline.card; "
-              "import pipeline.commands.build, pipeline.tar_writer; "
+BUILD_PATH = ("import sys; import pipeline.beam.run, pipeline.cli; from pipeline.io.sources import parse_source; "
+              "import pipeline.io.shards, pipeline.beam.write_parts, pipeline.report.plots, pipeline.report.build_report, pipeline.report.card; "
+              "import pipeline.commands.build, pipeline.io.tar_writer; "
               "from apache_beam.runners.portability.fn_api_runner import FnApiRunner; "
               "print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))")
 

@@ -11,10 +11,10 @@ import pytest
 from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational
 
-from pipeline.exif_gps import GpsError, gps_from_ifd
-from pipeline.record import Record
-from pipeline.stage import run_stage
-from pipeline.validate import ValidateStage
+from pipeline.stages.exif_gps import GpsError, gps_from_ifd
+from pipeline.core.record import Record
+from pipeline.core.stage import run_stage
+from pipeline.stages.validate import ValidateStage
 from made_inputs import png_claiming
 
 # gps/*.jpg: the README there only names the origin (gaia-gis spatialite samples), no values.

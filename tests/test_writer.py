@@ -8,8 +8,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline import writer
-from pipeline.record import Record, make_key
+from pipeline.io import shards
+from pipeline.core.record import Record, make_key
 
 
 def _jpeg(seed: int) -> bytes:
@@ -26,8 +26,8 @@ def _record(i: int) -> Record:
 
 def test_plan_chunks_respects_both_limits_and_keeps_every_key():
     sizes = [(f"k{i:03d}", 100 + i) for i in range(250)]
-    limits = writer.ShardLimits(max_samples=40, max_bytes=3000)
-    chunks = writer.plan_chunks(sizes, limits)
+    limits = shards.ShardLimits(max_samples=40, max_bytes=3000)
+    chunks = shards.plan_chunks(sizes, limits)
     assert sorted(k for c in chunks for k in c) == sorted(k for k, _ in sizes)
     size = dict(sizes)
     for chunk in chunks:
@@ -38,31 +38,31 @@ def test_plan_chunks_respects_both_limits_and_keeps_every_key():
 
 
 def test_plan_chunks_single_oversized_sample_gets_its_own_shard():
-    chunks = writer.plan_chunks([("a", 10), ("b", 5000), ("c", 10)], writer.ShardLimits(10, 100))
+    chunks = shards.plan_chunks([("a", 10), ("b", 5000), ("c", 10)], shards.ShardLimits(10, 100))
     assert ["b"] in chunks and sorted(sum(chunks, [])) == ["a", "b", "c"]
 
 
 def test_bucket_count_grows_with_data():
-    limits = writer.ShardLimits(max_samples=100, max_bytes=10**9)
-    assert writer.bucket_count(10, 1000, limits) == 1
-    assert writer.bucket_count(1000, 1000, limits) == 13  # ~80 per bucket
+    limits = shards.ShardLimits(max_samples=100, max_bytes=10**9)
+    assert shards.bucket_count(10, 1000, limits) == 1
+    assert shards.bucket_count(1000, 1000, limits) == 13  # ~80 per bucket
 
 
 def test_bucket_count_gives_readers_several_shards_but_none_tiny():
-    limits = writer.ShardLimits()  # 5000 samples a shard, at least 8 shards of >= 250 samples
-    assert writer.bucket_count(18_000, 10**9, limits) == 8  # by size alone: 5
-    assert writer.bucket_count(1_000, 10**8, limits) == 4  # 250 each
-    assert writer.bucket_count(400, 10**8, limits) == 1
-    assert writer.bucket_count(100_000, 10**9, limits) == 25  # large splits: by size
-    assert writer.bucket_count(18_000, 10**9, writer.ShardLimits(min_shards=1)) == 5
+    limits = shards.ShardLimits()  # 5000 samples a shard, at least 8 shards of >= 250 samples
+    assert shards.bucket_count(18_000, 10**9, limits) == 8  # by size alone: 5
+    assert shards.bucket_count(1_000, 10**8, limits) == 4  # 250 each
+    assert shards.bucket_count(400, 10**8, limits) == 1
+    assert shards.bucket_count(100_000, 10**9, limits) == 25  # large splits: by size
+    assert shards.bucket_count(18_000, 10**9, shards.ShardLimits(min_shards=1)) == 5
     with pytest.raises(ValueError):
-        writer.ShardLimits(min_shards=0)
+        shards.ShardLimits(min_shards=0)
 
 
 def test_written_shard_opens_with_plain_webdataset_and_is_deterministic(tmp_path):
     records = [_record(i) for i in range(5)]
-    path = writer.shard_path(str(tmp_path), "meta", "train", 0)
-    stats = writer.write_shard(str(tmp_path), path, records, "meta")
+    path = shards.shard_path(str(tmp_path), "meta", "train", 0)
+    stats = shards.write_shard(str(tmp_path), path, records, "meta")
     assert stats["samples"] == 5 and path.endswith("meta/train/meta-train-000000.tar")
     samples = list(wds.WebDataset(path, shardshuffle=False))
     assert [s["__key__"] for s in samples] == [r.key for r in records]
@@ -70,16 +70,16 @@ def test_written_shard_opens_with_plain_webdataset_and_is_deterministic(tmp_path
     assert body["part"] == "meta" and "image_bytes" not in body and body["input_id"] == "dir/photo 0.v2.jpg"
     assert samples[0]["jpg"] == records[0].image_bytes
     first = open(path, "rb").read()
-    writer.write_shard(str(tmp_path), path, records, "meta")
+    shards.write_shard(str(tmp_path), path, records, "meta")
     assert open(path, "rb").read() == first  # fixed mtime, sorted members: byte-identical
     assert json.loads((tmp_path / "meta/train/meta-train-000000_stats.json").read_text())["samples"] == 5
 
 
 def test_crash_mid_shard_leaves_no_readable_shard(tmp_path):
     records = [_record(i) for i in range(5)]
-    path = writer.shard_path(str(tmp_path), "meta", "train", 0)
+    path = shards.shard_path(str(tmp_path), "meta", "train", 0)
     with pytest.raises(RuntimeError, match="injected"):
-        writer.write_shard(str(tmp_path), path, records, "meta", fail_after=3)
+        shards.write_shard(str(tmp_path), path, records, "meta", fail_after=3)
     assert not list(tmp_path.rglob("*.tar"))
     assert not list(tmp_path.rglob("*_stats.json"))
 
@@ -87,15 +87,15 @@ def test_crash_mid_shard_leaves_no_readable_shard(tmp_path):
 def test_unsafe_key_never_reaches_a_tar(tmp_path):
     bad = _record(0).replace(key="../../etc/passwd")
     with pytest.raises(ValueError, match="unsafe key"):
-        writer.write_shard(str(tmp_path), writer.shard_path(str(tmp_path), "meta", "train", 0), [bad], "meta")
+        shards.write_shard(str(tmp_path), shards.shard_path(str(tmp_path), "meta", "train", 0), [bad], "meta")
     assert not list(tmp_path.rglob("*.tar"))
 
 
 def _built_records(folder) -> list[Record]:
     """Whole records as the build's per-record stages make them, from real photos."""
-    from pipeline.build import BuildConfig, record_stages
-    from pipeline.sources import parse_source
-    from pipeline.stage import run_stage
+    from pipeline.beam.run import BuildConfig, record_stages
+    from pipeline.io.sources import parse_source
+    from pipeline.core.stage import run_stage
 
     source = parse_source(f"exif:{folder}", {})
     records = [r for unit in source.units() for r, reject in source.records(unit) if reject is None]
@@ -112,20 +112,20 @@ def test_write_parts_turns_a_schema_violation_into_a_ledger_row_and_loses_nothin
     import pyarrow.parquet as pq
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from pipeline import manifest
-    from pipeline.data_files import load_json
-    from pipeline.write_parts import RECORD_SCHEMA, SampleChecker, WriteParts
+    from pipeline.io import manifest
+    from pipeline.core.data_files import load_json
+    from pipeline.beam.write_parts import RECORD_SCHEMA, SampleChecker, WriteParts
 
     checker = SampleChecker(load_json(RECORD_SCHEMA))
     good = _built_records(exif_samples / "gps")
     bad = good.pop().replace(lat=500.0)  # beyond the schema's latitude range
     lone = good.pop().replace(lat=-500.0, split="val")  # the only sample of its (part, split)
-    assert len(good) >= 4 and all(not checker.problem(writer.sample_body(r, "meta")) for r in good)
-    assert checker.problem(writer.sample_body(bad, "meta")).startswith("lat")
+    assert len(good) >= 4 and all(not checker.problem(shards.sample_body(r, "meta")) for r in good)
+    assert checker.problem(shards.sample_body(bad, "meta")).startswith("lat")
     out = str(tmp_path)
     with beam.Pipeline(runner=FnApiRunner()) as p:
         pieces, rejected, _ = (p | beam.Create(good + [bad, lone])
-                               | WriteParts(out, ["meta"], writer.ShardLimits(max_samples=3)))
+                               | WriteParts(out, ["meta"], shards.ShardLimits(max_samples=3)))
         _ = (rejected | beam.Map(lambda r: json.dumps([r.key, r.stage, r.reason, r.part]))
              | beam.io.WriteToText(str(tmp_path / "rejected"), shard_name_template=""))
         _ = pieces | beam.combiners.ToList() | beam.Map(manifest.merge_pieces, out)

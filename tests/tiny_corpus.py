@@ -2,7 +2,7 @@
 
 OUT/{part}/{split}/{part}-{split}-NNNNNN.tar with KEY.jpg + KEY.json (the Record's json, as the
 build writes it) and the shard's _stats.json, written by the build's own shard writer
-(pipeline.writer.write_shard over pipeline.tar_writer, byte-identical to webdataset.TarWriter),
+(pipeline.io.shards.write_shard over pipeline.io.tar_writer, byte-identical to webdataset.TarWriter),
 so the layout cannot drift from the real one. Each sample pairs a solid-colour photo with its place, so a model can learn it.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.record import Record, make_key
-from pipeline.writer import shard_path, write_shard
+from pipeline.core.record import Record, make_key
+from pipeline.io.shards import shard_path, write_shard
 
 PLACES = [  # (colour, city, country, continent, lat, lon)
     ((220, 30, 30), "Paris", "France", "Europe", 48.86, 2.35),

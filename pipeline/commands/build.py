@@ -7,11 +7,11 @@ import json
 import logging
 import sys
 
-from pipeline.shard_limits import ShardLimits
-from pipeline.record import PARTS
+from pipeline.io.shard_limits import ShardLimits
+from pipeline.core.record import PARTS
 from pipeline.commands.argtypes import positive_int
 
-log = logging.getLogger("pipeline.build")
+log = logging.getLogger("pipeline.beam.run")
 
 
 def _ratios(text: str) -> tuple[float, float, float]:
@@ -85,7 +85,7 @@ def register(sub) -> None:
 
 
 def config_from_args(args):
-    from pipeline.build import BuildConfig
+    from pipeline.beam.run import BuildConfig
 
     source_options = {k: getattr(args, k) for k in ("image_column", "lat_column", "lon_column", "id_column")
                       if getattr(args, k, None)}
@@ -102,7 +102,7 @@ def download_tables(config, args, stack: contextlib.ExitStack) -> list[str]:
     """Each table: source -> its images fetched with img2dataset (its public `download()`, its own
     processes) -> the wds: source of those shards, which the build then reads (the ledger names
     the shard/KEY of a row; the row's own columns are in the provenance). Returns the build's sources."""
-    from pipeline.download import DownloadOptions, prepared_download
+    from pipeline.io.download import DownloadOptions, prepared_download
 
     options = DownloadOptions(processes=args.download_processes, threads=args.download_threads,
                               timeout_s=args.download_timeout)
@@ -119,9 +119,9 @@ def download_tables(config, args, stack: contextlib.ExitStack) -> list[str]:
 
 
 def run(args) -> int:
-    from pipeline.build import run_build
-    from pipeline.download import DownloadIncomplete
-    from pipeline.errors import BadArgument
+    from pipeline.beam.run import run_build
+    from pipeline.io.download import DownloadIncomplete
+    from pipeline.core.errors import BadArgument
 
     try:
         with contextlib.ExitStack() as stack:

@@ -27,7 +27,7 @@ def _non_negative(text: str) -> int:
 
 
 def register(sub) -> argparse.ArgumentParser:
-    from pipeline.assistant import DEFAULT_MAX_ROUNDS
+    from pipeline.evaluate.assistant import DEFAULT_MAX_ROUNDS
 
     p = sub.add_parser("chat", help="terminal assistant: guesses where a photo was taken, revises on your hints",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,7 +54,7 @@ def _lines(stdin, stdout, interactive: bool):
 
 
 def run(args) -> int:
-    from pipeline.assistant import Assistant, PhotoError, load_photo
+    from pipeline.evaluate.assistant import Assistant, PhotoError, load_photo
     from pipeline.lvlm import open_backend
     from pipeline.lvlm.options import options_from_args
     from pipeline.lvlm.types import LvlmUnavailable

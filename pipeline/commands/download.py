@@ -36,8 +36,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pipeline.download import DownloadIncomplete, DownloadOptions, run_download
-    from pipeline.errors import BadArgument
+    from pipeline.io.download import DownloadIncomplete, DownloadOptions, run_download
+    from pipeline.core.errors import BadArgument
 
     source_options = {k: getattr(args, k) for k in ("image_column", "lat_column", "lon_column", "id_column")
                       if getattr(args, k, None)}

@@ -1,8 +1,8 @@
-"""`mg-geo build`'s flags for the Clue and Dialogue parts, apart from pipeline.llm_parts (which
+"""`mg-geo build`'s flags for the Clue and Dialogue parts, apart from pipeline.beam.llm_parts (which
 imports Beam) so that the command line is made without loading it."""
 from __future__ import annotations
 
-from pipeline.selection import parse_target
+from pipeline.stages.selection import parse_target
 
 
 def _target(text: str):

@@ -19,7 +19,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     # Imported here so `mg-geo --help` does not load the place list and polygons.
-    from pipeline.sample_images import EXPECTED_FILE, write_samples
+    from pipeline.io.sample_set import EXPECTED_FILE, write_samples
 
     try:
         entries = write_samples(args.out, args.n, seed=args.seed)

@@ -19,9 +19,9 @@ def run(args) -> int:
     # Imported here so `mg-geo --help` does not load Beam, pyarrow or matplotlib.
     from apache_beam.io.filesystems import FileSystems
 
-    from pipeline import outdir
-    from pipeline.card import render_card
-    from pipeline.stats import make_plots
+    from pipeline.io import outdir
+    from pipeline.report.card import render_card
+    from pipeline.report.plots import make_plots
 
     report_path = outdir.join(args.out, "report.json")
     if not FileSystems.exists(report_path):

@@ -56,7 +56,7 @@ def dialogue_mode(modes: list[str]) -> str:
 
 def follow_ups(dialogue: dict, limit: int) -> Optional[tuple[dict, list[tuple[str, str]], str]]:
     """(opening user message, [(mode, text)] of the next `limit` user turns, the dialogue's mode)
-    from record.dialogue as pipeline.dialogue writes it: `turns` starts with the blind guess
+    from record.dialogue as pipeline.stages.dialogue writes it: `turns` starts with the blind guess
     (mode "guess", the opening question) and has one entry per later user turn, whose mode says
     what that turn is (hint, correction, choice, or finer / why after a right answer); the
     sample's own correction mode is dialogue["mode"]. None without an opening user message."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from pipeline.data_files import load_json
+from pipeline.core.data_files import load_json
 from pipeline.evaluate.predictions import Prediction, prediction_from_answer
 from pipeline.lvlm.types import LvlmBackend, LvlmRequest, LvlmResult
 

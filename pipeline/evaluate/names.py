@@ -3,7 +3,7 @@
 A model may say "US", "USA", "United States" or "U.S.A." for one country, and ground truth may
 hold an ISO code (OSV-5M, our shards) or a name (other benchmarks). Countries are compared as ISO
 alpha-2 codes whenever both sides resolve to one, through the same Natural Earth name table the
-clue/dialogue quality filters use (pipeline.quality), so the corpus and its evaluation agree on
+clue/dialogue quality filters use (pipeline.stages.quality), so the corpus and its evaluation agree on
 what names a country. Region and city names are compared after normalisation only.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from pipeline.quality import country_names
+from pipeline.stages.quality import country_names
 
 # Letters that Unicode does not decompose into a base letter plus a combining mark, so NFKD alone
 # would leave "Łódź" and "Lodz" different.

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.record import PARTS  # plain Python: no Beam import in training
+from pipeline.core.record import PARTS  # plain Python: no Beam import in training
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 # Qwen2.5-VL turns each 28x28 pixel block into one image token: 1024 tokens at most by default.

@@ -1,0 +1,325 @@
+"""The one Beam wrapper every stage goes through: counters, timing, progress log, ledger output."""
+from __future__ import annotations
+
+import logging
+import time
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
+
+from pipeline.core.record import Reject, Rejection
+from pipeline.core.stage import Stage, iter_outcomes
+
+REJECTED = "rejected"
+METRIC_PREFIX = "mg_geo."
+PROGRESS_EVERY_S = 10.0
+log = logging.getLogger(__name__)
+
+
+class BundleCounts:
+    """Counters of one namespace summed in the worker and handed to Beam once per bundle
+    (`flush()` in finish_bundle, when Beam reports the bundle's metrics anyway): an inc per
+    element and counter was ~4% of a worker's time on the 20k build. Fractions (micros summed
+    as floats) carry over to the next bundle."""
+
+    def __init__(self, namespace: str):
+        self.ns = namespace
+        self.counts: dict = {}
+
+    def add(self, name: str, n: float = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def add_micros_since(self, start: float, name: str = "micros") -> None:
+        self.add(name, (time.perf_counter() - start) * 1e6)
+
+    def flush(self) -> None:
+        for name, value in self.counts.items():
+            whole = int(value)
+            if whole:
+                Metrics.counter(self.ns, name).inc(whole)
+            self.counts[name] = value - whole
+
+
+class _Tally:
+    """One stage's counts and time in a worker (BundleCounts), and its progress log while the
+    job runs (metrics are only queryable from the result afterwards)."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        self.counts = BundleCounts(METRIC_PREFIX + stage.name)
+        self.local = {"in": 0, "out": 0, "rejected": 0}  # this worker's, for the progress log
+        self.last_log = time.monotonic()
+
+    def run(self, records: list) -> tuple[list, list]:
+        """(records that go on, rejections) for `records` through the stage."""
+        stage = self.stage
+        start = time.perf_counter()
+        outcomes = list(iter_outcomes(stage, records))
+        self.counts.add_micros_since(start)
+        kept, rejected = [], []
+        for record, outcome in outcomes:
+            if isinstance(outcome, Reject):
+                rejected.append(Rejection.of(record, stage.name, outcome, stage.part))
+                self.counts.add("reason." + outcome.reason)
+                if stage.part:  # only this part lacks a sample; the record goes on
+                    kept.append(record)
+            else:
+                kept.append(outcome)
+        for name, n in (("in", len(records)), ("out", len(outcomes) - len(rejected)), ("rejected", len(rejected))):
+            self.counts.add(name, n)
+            self.local[name] += n
+        self._maybe_log_progress()
+        return kept, rejected
+
+    def flush(self) -> None:
+        self.counts.flush()
+
+    def _maybe_log_progress(self):
+        # Checked per call, not per bundle: the local runner gives a stage one huge bundle.
+        now = time.monotonic()
+        if now - self.last_log >= PROGRESS_EVERY_S:
+            self.last_log = now
+            log.info("stage %-9s in=%d out=%d rejected=%d (this worker)", self.stage.name,
+                     self.local["in"], self.local["out"], self.local["rejected"])
+
+
+def _rejected(rejections: list):
+    return [beam.pvalue.TaggedOutput(REJECTED, r) for r in rejections]
+
+
+class _StageDoFn(beam.DoFn):
+    """One stage (its elements already batched when it asks for batches), with a side input."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage  # config only until setup(): heavy state is never pickled with the graph
+
+    def setup(self):
+        self.stage.setup()
+        self.tally = _Tally(self.stage)
+        self.side_input = None
+
+    def process(self, element, side_input=None):
+        if side_input is not None and side_input is not self.side_input:
+            self.side_input = side_input  # the same object for every element of a bundle
+            self.stage.use_side_input(side_input)
+        kept, rejected = self.tally.run(element if self.stage.batch_size else [element])
+        return kept + _rejected(rejected)
+
+    def finish_bundle(self):
+        self.tally.flush()
+
+    def teardown(self):
+        self.stage.teardown()
+
+
+class _StageChainDoFn(beam.DoFn):
+    """Stages run one after the other inside one ParDo, each counted and timed as its own.
+
+    Beam hands each element over once instead of once per stage (each ParDo between two stages
+    cost its per-element dispatch, and a batched stage two more for BatchElements and the
+    unbatching), so the chain batches itself: records wait before a batched stage until it has
+    a batch, and the rest of a bundle goes through at its end. Global windows only (the build's)."""
+
+    def __init__(self, stages: list):
+        self.stages = stages  # config only until setup()
+
+    def setup(self):
+        for stage in self.stages:
+            stage.setup()
+        self.tallies = [_Tally(stage) for stage in self.stages]
+
+    def start_bundle(self):
+        self.waiting = [[] for _ in self.stages]  # records held before a batched stage
+
+    def process(self, record):
+        return self._run(0, [record], flush=False)
+
+    def _run(self, first: int, records: list, flush: bool):
+        """Outputs of `records` entering stage `first`, yielded as each is done: after a batched
+        stage its records go on one at a time, so the stages after it never hold a whole batch
+        of changed records (a batch of photos with their new JPEGs: ~60 MB more at the peak).
+        A batched stage holds records until it has a batch, or runs what it holds if `flush`
+        (for stage `first` only: later ones keep theirs for finish_bundle to flush in order)."""
+        for i in range(first, len(self.stages)):
+            stage = self.stages[i]
+            if stage.batch_size:
+                held = self.waiting[i]
+                held += records
+                if not held or (len(held) < stage.batch_size and not (flush and i == first)):
+                    return
+                self.waiting[i] = []
+                kept, rejected = self.tallies[i].run(held)
+                yield from _rejected(rejected)
+                for record in kept:
+                    yield from self._run(i + 1, [record], flush=False)
+                return
+            records, rejected = self.tallies[i].run(records)
+            yield from _rejected(rejected)
+            if not records:
+                return
+        yield from records
+
+    def finish_bundle(self):
+        for i in range(len(self.stages)):
+            for out in self._run(i, [], flush=True):
+                if isinstance(out, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+                else:
+                    yield GlobalWindows.windowed_value(out)
+        for tally in self.tallies:
+            tally.flush()
+
+    def teardown(self):
+        for stage in self.stages:
+            stage.teardown()
+
+
+class ApplyStage(beam.PTransform):
+    """records -> (kept records, rejections). Batches first when the stage asks for it.
+    side_input (e.g. AsSingleton(plan)): handed to stage.use_side_input before the records."""
+
+    def __init__(self, stage: Stage, side_input=None):
+        super().__init__(label=stage.name)
+        self.stage = stage
+        self.side_input = side_input
+
+    def expand(self, records):
+        if self.stage.batch_size:
+            # A fixed size (the last batch of a bundle is flushed smaller): BatchElements' adaptive
+            # sizing starts at 1 and fits a regression of batch time on size after every batch,
+            # 1.7% of a worker's time on the 20k build, to pick a size the stage already knows.
+            records = records | "Batch" >> beam.BatchElements(
+                min_batch_size=self.stage.batch_size, max_batch_size=self.stage.batch_size)
+        side = () if self.side_input is None else (self.side_input,)
+        result = records | "Run" >> beam.ParDo(_StageDoFn(self.stage), *side).with_outputs(REJECTED, main="kept")
+        return result.kept, result[REJECTED]
+
+
+class ApplyStages(beam.PTransform):
+    """records -> (kept records, rejections) through several stages in one ParDo (see
+    _StageChainDoFn); the same outcome, counters and ledger rows as an ApplyStage per stage."""
+
+    def __init__(self, stages: list, label: str | None = None):
+        super().__init__(label=label or "+".join(stage.name for stage in stages))
+        self.stages = list(stages)
+
+    def expand(self, records):
+        result = records | "Run" >> beam.ParDo(_StageChainDoFn(self.stages)).with_outputs(REJECTED, main="kept")
+        return result.kept, result[REJECTED]
+
+
+def stage_metrics(result) -> dict:
+    """Our counters from a finished PipelineResult as {stage: {name: value}}."""
+    out: dict = {}
+    try:
+        counters = result.metrics().query()["counters"]
+    except Exception:  # noqa: BLE001 - some runners cannot report metrics; the report says so
+        return out
+    for c in counters:
+        ns = c.key.metric.namespace
+        if not ns.startswith(METRIC_PREFIX):
+            continue
+        value = c.committed if c.committed is not None else c.attempted
+        out.setdefault(ns[len(METRIC_PREFIX):], {})[c.key.metric.name] = \
+            out.get(ns[len(METRIC_PREFIX):], {}).get(c.key.metric.name, 0) + value
+    return out
+
+
+class _TimedFn(beam.DoFn):
+    """fn over each element, its time (and, for a step of its own, the element count) summed in
+    the worker and handed to mg_geo.<name>.* once per bundle."""
+
+    def __init__(self, name: str, fn, args: tuple, *, flat: bool, star: bool, count_in: bool):
+        self.name, self.fn, self.args = name, fn, args
+        self.flat, self.star, self.count_in = flat, star, count_in
+
+    def setup(self):
+        self.counts = BundleCounts(METRIC_PREFIX + self.name)
+
+    def process(self, element, *side_inputs):
+        start = time.perf_counter()
+        if self.star:
+            out = self.fn(*element, *self.args, *side_inputs)
+        else:
+            out = self.fn(element, *self.args, *side_inputs)
+        out = list(out) if self.flat else [out]  # a generator's work is done here, timed
+        self.counts.add_micros_since(start)
+        if self.count_in:
+            self.counts.add("in")
+        return out
+
+    def finish_bundle(self):
+        self.counts.flush()
+
+
+class TimedMap(beam.PTransform):
+    """beam.Map(fn, *args) for the build's own steps that are not stages (unstash): an
+    exception fails the job (an I/O fault is not the input's), and the time is counted like a
+    stage's, so report.json and the benchmarks see all of our work."""
+
+    def __init__(self, name: str, fn, *args):
+        super().__init__(label=name)
+        self.name, self.fn, self.args = name, fn, args
+
+    def expand(self, elements):
+        return elements | "Run" >> beam.ParDo(_TimedFn(self.name, self.fn, self.args, flat=False, star=False, count_in=True))
+
+
+def stage_work(name: str, fn, *args, flat: bool = True, star: bool = False, side_inputs: tuple = ()):
+    """beam.FlatMap(fn, *args) (or FlatMapTuple with star, Map without flat) for a global
+    stage's own steps (dedupe's and split's plans, the writer's planning): its time is the
+    stage's work, counted in mg_geo.<name>.micros with the rest of the stage's, not its element
+    count. Side inputs come after args."""
+    return beam.ParDo(_TimedFn(name, fn, args, flat=flat, star=star, count_in=False), *side_inputs)
+
+
+def plan_side_input(plan):
+    """A global plan (one dict) as a side input. The combines that make plans run without default
+    values (a runner step fewer each), so an empty input gives no element: the plan is then {}."""
+    return beam.pvalue.AsSingleton(plan, default_value={})
+
+
+class DistinctValues(beam.CombineFn):
+    """A PCollection's distinct values as one sorted list, in one global combine (each worker
+    keeps a set, the sets merge). Cheaper than Distinct() + ToList(): one step instead of two
+    group-bys, and no per-value group key held by the runner."""
+
+    def create_accumulator(self):
+        return set()
+
+    def add_input(self, acc, value):
+        acc.add(value)
+        return acc
+
+    def merge_accumulators(self, accs):
+        merged = set()
+        for acc in accs:
+            merged |= acc
+        return merged
+
+    def extract_output(self, acc):
+        return sorted(acc)
+
+
+class SumCounts(beam.CombineFn):
+    """[[value, count], ...], sorted, from (value, count) pairs counted where they were made
+    (per unit, per bundle), in one global combine."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, pair):
+        value, n = pair
+        acc[value] = acc.get(value, 0) + n
+        return acc
+
+    def merge_accumulators(self, accs):
+        merged = {}
+        for acc in accs:
+            for value, n in acc.items():
+                merged[value] = merged.get(value, 0) + n
+        return merged
+
+    def extract_output(self, acc):
+        return sorted([value, n] for value, n in acc.items())

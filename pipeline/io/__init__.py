@@ -1,0 +1,1 @@
+"""Inputs and outputs: sources, download, stash, shards (tar writer/reader), manifest, OUT."""

@@ -1,0 +1,1 @@
+"""Per-record stages, in pipeline order: read, validate, geocode, image, meta, clue, dialogue (+ their helpers)."""
