@@ -1,5 +1,5 @@
 """Not a benchmark: a self-contained reproduction of the Beam local-runner bug the build works
-around (pipeline/beam/run.py counts inputs from a tagged output; ledger rows become pieces before
+around (pipeline/beam/graph.py counts inputs from a tagged output; ledger rows become pieces before
 any Flatten; llm_parts hands the chosen keys over as a side input instead of a split and Flatten).
 
 Beam's FnApiRunner with 2 workers (multi_processing) loses elements from a Flatten of a DoFn's

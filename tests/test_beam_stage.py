@@ -1,4 +1,4 @@
-"""The shared Beam wrapper: a chain of stages in one ParDo (ApplyStages) gives what one ApplyStage
+"""The shared Beam wrapper: a chain of stages in one ParDo (ApplyStages) gives what one ApplyStages
 per stage gives and what the stages give without Beam (run_stages): the same records, the same
 ledger rows, the same counters, with a batched stage inside the chain whose last batch is short,
 a part stage that keeps the records it rejects, and an unexpected exception as a ledger row."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.beam.wrapper import ApplyStage, ApplyStages, stage_metrics
+from pipeline.beam.wrapper import ApplyStages, LatestSnapshots, stage_metrics
 from pipeline.core.record import Record, Reject
 from pipeline.core.stage import Stage, run_stages
 
@@ -64,11 +64,11 @@ def _run_beam(chained: bool):
     records = p | beam.Create(_records(), reshuffle=False)
     rejected = []
     if chained:
-        records, more = records | ApplyStages([cls() for cls in STAGES])
+        records, more, _ = records | ApplyStages([cls() for cls in STAGES])
         rejected.append(more)
     else:
         for cls in STAGES:
-            records, more = records | cls.name >> ApplyStage(cls())
+            records, more, _ = records | cls.name >> ApplyStages([cls()])
             rejected.append(more)
     kept_keys = records | "KeptKeys" >> beam.Map(lambda r: r.key)
     ledger = (tuple(rejected) | beam.Flatten()
@@ -96,9 +96,41 @@ def test_a_chain_of_stages_gives_what_a_transform_per_stage_gives():
 
 def test_a_batched_stage_in_a_chain_gets_full_batches_and_the_rest_at_the_bundle_end():
     p = beam.Pipeline()
-    kept, _ = p | beam.Create(_records(), reshuffle=False) | ApplyStages([_DropOdd(), _BatchedTag()])
+    kept, _, _ = p | beam.Create(_records(), reshuffle=False) | ApplyStages([_DropOdd(), _BatchedTag()])
     sizes = kept | beam.Map(lambda r: r.provenance["batch"])
     # The 14 even records reach it in one bundle: batches of 4, 4, 4 and the last 2 (24, 26) at the
     # bundle's end; 0, 10 and 20 are rejected from the full batches, so 9 records say 4.
     assert_that(sizes | beam.combiners.Count.PerElement(), equal_to([(4, 9), (2, 2)]))
     p.run().wait_until_finish()
+
+
+class _Counting(Stage):
+    """Counts what it saw in a process-wide object and reports it as a snapshot, as an LVLM stage
+    reports its backend's counters."""
+    name = "counting"
+    seen = {"n": 0}
+
+    def process(self, record):
+        self.seen["n"] += 1
+        return record
+
+    def stats_snapshot(self):
+        import time
+        return "counter", time.monotonic_ns(), dict(self.seen)
+
+
+def test_stage_statistics_leave_through_an_output_and_the_latest_snapshot_wins():
+    _Counting.seen["n"] = 0
+    p = beam.Pipeline()
+    _, _, stats = p | beam.Create(_records()) | ApplyStages([_Counting()])
+    latest = stats | beam.CombineGlobally(LatestSnapshots()).without_defaults()
+    assert_that(latest, equal_to([[{"n": N}]]))  # one identity; its last snapshot counted all 27
+    p.run().wait_until_finish()
+
+
+def test_latest_snapshots_keeps_the_newest_of_each_identity_in_any_order():
+    combine = LatestSnapshots()
+    snaps = [("a", 2, {"n": 2}), ("b", 1, {"n": 10}), ("a", 3, {"n": 3}), ("a", 1, {"n": 1})]
+    for order in (snaps, snaps[::-1]):
+        accs = [combine.add_input(combine.create_accumulator(), s) for s in order]
+        assert combine.extract_output(combine.merge_accumulators(accs)) == [{"n": 3}, {"n": 10}]

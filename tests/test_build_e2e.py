@@ -21,7 +21,7 @@ from pipeline.beam.run import BuildConfig, run_build
 from pipeline.cli import main
 from pipeline.core.data_files import load_json
 from pipeline.io.shards import ShardLimits
-from fresh_process import child_env, run_mg_geo
+from fresh_process import run_mg_geo
 from made_inputs import make_inputs
 
 
@@ -255,7 +255,7 @@ def test_no_flatten_carries_whole_records(tmp_path, exif_samples):
     tagged output of the source; the one Flatten left joins the paths of the ledger's pieces."""
     import apache_beam as beam
 
-    from pipeline.beam.run import build_pipeline
+    from pipeline.beam.graph import build_pipeline
     from pipeline.io.sources import parse_source
 
     inputs = make_inputs(tmp_path / "in", exif_samples)
@@ -264,4 +264,4 @@ def test_no_flatten_carries_whole_records(tmp_path, exif_samples):
     build_pipeline(p, config, [parse_source(spec, {}) for spec in config.sources])
     graph = p.to_runner_api().components.transforms
     flattens = [t.unique_name for t in graph.values() if t.spec.urn == "beam:transform:flatten:v1"]
-    assert flattens == ["LedgerPiecePaths"]
+    assert flattens == ["Ledger/PiecePaths"]

@@ -374,7 +374,7 @@ def test_runs_inside_the_beam_wrapper(jpeg):
     import apache_beam as beam
     from apache_beam.testing.util import assert_that, equal_to
 
-    from pipeline.beam.wrapper import ApplyStage
+    from pipeline.beam.wrapper import ApplyStages, LatestSnapshots
 
     good = result(good_clue_answer())
     few = result(_with(clues=good_clue_answer()["clues"][:1]))
@@ -382,7 +382,11 @@ def test_runs_inside_the_beam_wrapper(jpeg):
     stage = ClueStage(backend=ScriptedBackend(lambda r: few if r.request_id.startswith("b0-") else good),
                       batch_size=4)
     with beam.Pipeline("DirectRunner") as p:
-        kept, rejected = p | beam.Create(records) | ApplyStage(stage)
+        kept, rejected, stats = p | beam.Create(records) | ApplyStages([stage])
+        # The backend's counters leave through the stats output, not a file written in teardown.
+        latest = stats | beam.CombineGlobally(LatestSnapshots()).without_defaults()
+        assert_that(latest | "requests" >> beam.Map(lambda found: sum(s["requests"] for s in found)),
+                    equal_to([6]), label="stats")
         assert_that(kept | "has" >> beam.Map(lambda r: (r.input_id, r.clue is not None)),
                     equal_to([(r.input_id, r.input_id != "b0.jpg") for r in records]), label="kept")
         assert_that(rejected | "why" >> beam.Map(lambda row: (row.input_id, row.reason, row.part)),

@@ -6,7 +6,8 @@ import copy
 import jsonschema
 import pytest
 
-from pipeline.beam.run import BuildConfig, record_stages
+from pipeline.beam.graph import record_stages
+from pipeline.beam.run import BuildConfig
 from pipeline.core.data_files import load_json
 from pipeline.io.sources import parse_source
 from pipeline.core.stage import run_stages

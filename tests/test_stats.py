@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from pipeline.report import plots
-from pipeline.beam.run import LEDGER_SCHEMA, BuildConfig, run_build
+from pipeline.beam.run import BuildConfig, run_build
+from pipeline.core import ledger as ledger_file
 from pipeline.io.manifest import MANIFEST_SCHEMA
 from pipeline.commands import COMMANDS
 
@@ -95,7 +96,7 @@ def _hand_made_out(tmp_path: Path, rows: list[dict], ledger: list[dict] | None) 
     out.mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), out / "manifest.parquet")
     if ledger is not None:
-        pq.write_table(pa.Table.from_pylist(ledger, schema=LEDGER_SCHEMA), out / "rejected.parquet")
+        pq.write_table(pa.Table.from_pylist(ledger, schema=ledger_file.SCHEMA), out / ledger_file.LEDGER_FILE)
     rep = {"config": {"sources": ["exif:/x"], "parts": ["meta", "clue"], "max_side": 768,
                       "split_ratios": [0.9, 0.05, 0.05], "split_link_km": 1.0, "dedupe_radius": 4},
            "inputs_total": len(rows), "samples": {}, "shards": {}, "rejected_total": 0, "rejected": {},

@@ -93,7 +93,8 @@ def test_unsafe_key_never_reaches_a_tar(tmp_path):
 
 def _built_records(folder) -> list[Record]:
     """Whole records as the build's per-record stages make them, from real photos."""
-    from pipeline.beam.run import BuildConfig, record_stages
+    from pipeline.beam.graph import record_stages
+    from pipeline.beam.run import BuildConfig
     from pipeline.io.sources import parse_source
     from pipeline.core.stage import run_stage
 

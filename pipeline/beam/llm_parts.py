@@ -6,18 +6,13 @@ first: a small global step makes that key set and records outside it bypass the 
 """
 from __future__ import annotations
 
-import json
-import os
-import uuid
-
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
-from pipeline.beam.wrapper import ApplyStage
+from pipeline.beam.wrapper import ApplyStages
 from pipeline.core.errors import BadArgument
 from pipeline.stages.selection import Selection, select
 
-STATS_DIR = "_work/lvlm"
+STATS_FILE = "_work/lvlm_stats.json"  # [stats, ...]: the latest of each backend object
 
 
 def lvlm_options(config):
@@ -46,21 +41,18 @@ def llm_stages(config):
     from pipeline.stages.dialogue import DialogueStage
 
     options, args = lvlm_options(config), config.lvlm_args
-    stats_dir = FileSystems.join(config.out, STATS_DIR)
     stages = []
     if "clue" in config.parts:
         stages.append((ClueStage(options, batch_size=args.lvlm_batch_size), args.clue_target))
     if "dialogue" in config.parts:
         stages.append((DialogueStage(options, batch_size=args.lvlm_batch_size,
                                      max_rounds=args.dialogue_max_rounds), args.dialogue_target))
-    for stage, _ in stages:
-        stage.stats_dir = stats_dir
     return stages
 
 
 class ApplySelected(beam.PTransform):
-    """ApplyStage on the selected records only; the rest pass by untouched (no sample, no ledger
-    row: report.json counts them as not selected)."""
+    """ApplyStages([stage]) on the selected records only; the rest pass by untouched (no sample, no
+    ledger row: report.json counts them as not selected). -> (records, rejections, stats snapshots)."""
 
     def __init__(self, stage, target):
         super().__init__(label=stage.name)
@@ -69,7 +61,7 @@ class ApplySelected(beam.PTransform):
     def expand(self, records):
         if isinstance(self.target, float):
             self.stage.selection = Selection.of_fraction(self.target)
-            return records | "Run" >> ApplyStage(self.stage)
+            return records | "Run" >> ApplyStages([self.stage])
         target = self.target
         chosen = (records
                   | "KeyCountry" >> beam.Map(lambda r: (r.key, (r.location or {}).get("country_code", "")))
@@ -78,31 +70,13 @@ class ApplySelected(beam.PTransform):
         # The chosen keys reach the stage as a side input and it passes the others by (as it does
         # for a fraction). Splitting the records and flattening them back together shipped whole
         # records through a Flatten, which Beam's local runner with 2 workers was seen to lose
-        # records from (pipeline/beam/run.py, the input count).
-        return records | "Run" >> ApplyStage(self.stage, side_input=beam.pvalue.AsSingleton(chosen))
-
-
-def dump_backend_stats(stats_dir: str, backend) -> None:
-    """One file per backend object per process; the backend's counters are cumulative, so a later
-    dump of the same backend replaces the earlier one."""
-    name = f"{os.getpid()}-{id(backend):x}-{_PROCESS_TAG}.json"
-    path = FileSystems.join(stats_dir, name)
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    with FileSystems.create(tmp) as stream:
-        stream.write(json.dumps(backend.stats()).encode())
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
-
-
-_PROCESS_TAG = uuid.uuid4().hex[:8]  # pids repeat across machines
+        # records from (pipeline/beam/graph.py, the input count).
+        return records | "Run" >> ApplyStages([self.stage], side_input=beam.pvalue.AsSingleton(chosen))
 
 
 def read_backend_stats(out: str) -> dict:
+    """The LVLM backends' counters the job gathered (STATS_FILE), merged over every worker."""
+    from pipeline.io import outdir
     from pipeline.lvlm import merge_stats
-    pattern = FileSystems.join(out, STATS_DIR, "*.json")
-    found = []
-    for meta in FileSystems.match([pattern])[0].metadata_list:
-        with FileSystems.open(meta.path) as stream:
-            found.append(json.loads(stream.read().decode()))
+    found = outdir.read_json(out, STATS_FILE, default=[])
     return merge_stats(found) if found else {}

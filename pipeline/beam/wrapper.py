@@ -8,10 +8,12 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
-from pipeline.core.record import Reject, Rejection
+from pipeline.core.record import Reject
+from pipeline.core.ledger import Rejection
 from pipeline.core.stage import Stage, iter_outcomes
 
 REJECTED = "rejected"
+STATS = "stats"  # (identity, taken_ns, stats) snapshots of a stage's own statistics
 METRIC_PREFIX = "mg_geo."
 PROGRESS_EVERY_S = 10.0
 log = logging.getLogger(__name__)
@@ -88,51 +90,32 @@ def _rejected(rejections: list):
     return [beam.pvalue.TaggedOutput(REJECTED, r) for r in rejections]
 
 
-class _StageDoFn(beam.DoFn):
-    """One stage (its elements already batched when it asks for batches), with a side input."""
-
-    def __init__(self, stage: Stage):
-        self.stage = stage  # config only until setup(): heavy state is never pickled with the graph
-
-    def setup(self):
-        self.stage.setup()
-        self.tally = _Tally(self.stage)
-        self.side_input = None
-
-    def process(self, element, side_input=None):
-        if side_input is not None and side_input is not self.side_input:
-            self.side_input = side_input  # the same object for every element of a bundle
-            self.stage.use_side_input(side_input)
-        kept, rejected = self.tally.run(element if self.stage.batch_size else [element])
-        return kept + _rejected(rejected)
-
-    def finish_bundle(self):
-        self.tally.flush()
-
-    def teardown(self):
-        self.stage.teardown()
-
-
-class _StageChainDoFn(beam.DoFn):
+class _StagesDoFn(beam.DoFn):
     """Stages run one after the other inside one ParDo, each counted and timed as its own.
 
-    Beam hands each element over once instead of once per stage (each ParDo between two stages
-    cost its per-element dispatch, and a batched stage two more for BatchElements and the
-    unbatching), so the chain batches itself: records wait before a batched stage until it has
-    a batch, and the rest of a bundle goes through at its end. Global windows only (the build's)."""
+    Beam hands each element over once instead of once per stage, so the chain batches itself:
+    records wait before a batched stage until it has a batch, and the rest of a bundle goes through
+    at its end. A side input is handed to every stage (use_side_input) before the records that
+    need it. At each bundle's end, a stage with statistics of its own (an LVLM backend's counters,
+    Stage.stats_snapshot) sends them on the STATS output. Global windows only (the build's)."""
 
     def __init__(self, stages: list):
-        self.stages = stages  # config only until setup()
+        self.stages = stages  # config only until setup(): heavy state is never pickled with the graph
 
     def setup(self):
         for stage in self.stages:
             stage.setup()
         self.tallies = [_Tally(stage) for stage in self.stages]
+        self.side_input = None
 
     def start_bundle(self):
         self.waiting = [[] for _ in self.stages]  # records held before a batched stage
 
-    def process(self, record):
+    def process(self, record, side_input=None):
+        if side_input is not None and side_input is not self.side_input:
+            self.side_input = side_input  # the same object for every element of a bundle
+            for stage in self.stages:
+                stage.use_side_input(side_input)
         return self._run(0, [record], flush=False)
 
     def _run(self, first: int, records: list, flush: bool):
@@ -167,6 +150,10 @@ class _StageChainDoFn(beam.DoFn):
                     yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
                 else:
                     yield GlobalWindows.windowed_value(out)
+        for stage in self.stages:
+            snapshot = stage.stats_snapshot()
+            if snapshot is not None:
+                yield beam.pvalue.TaggedOutput(STATS, GlobalWindows.windowed_value(snapshot))
         for tally in self.tallies:
             tally.flush()
 
@@ -175,38 +162,22 @@ class _StageChainDoFn(beam.DoFn):
             stage.teardown()
 
 
-class ApplyStage(beam.PTransform):
-    """records -> (kept records, rejections). Batches first when the stage asks for it.
-    side_input (e.g. AsSingleton(plan)): handed to stage.use_side_input before the records."""
+class ApplyStages(beam.PTransform):
+    """records -> (kept records, rejections, statistics snapshots) through one or more stages in
+    one ParDo (see _StagesDoFn): the same records, counters and ledger rows as the stages give
+    without Beam (pipeline.core.stage.run_stages). side_input (e.g. AsSingleton(keys)) is handed
+    to the stages before the records."""
 
-    def __init__(self, stage: Stage, side_input=None):
-        super().__init__(label=stage.name)
-        self.stage = stage
+    def __init__(self, stages: list, side_input=None, label: str | None = None):
+        super().__init__(label=label or "+".join(stage.name for stage in stages))
+        self.stages = list(stages)
         self.side_input = side_input
 
     def expand(self, records):
-        if self.stage.batch_size:
-            # A fixed size (the last batch of a bundle is flushed smaller): BatchElements' adaptive
-            # sizing starts at 1 and fits a regression of batch time on size after every batch,
-            # 1.7% of a worker's time on the 20k build, to pick a size the stage already knows.
-            records = records | "Batch" >> beam.BatchElements(
-                min_batch_size=self.stage.batch_size, max_batch_size=self.stage.batch_size)
         side = () if self.side_input is None else (self.side_input,)
-        result = records | "Run" >> beam.ParDo(_StageDoFn(self.stage), *side).with_outputs(REJECTED, main="kept")
-        return result.kept, result[REJECTED]
-
-
-class ApplyStages(beam.PTransform):
-    """records -> (kept records, rejections) through several stages in one ParDo (see
-    _StageChainDoFn); the same outcome, counters and ledger rows as an ApplyStage per stage."""
-
-    def __init__(self, stages: list, label: str | None = None):
-        super().__init__(label=label or "+".join(stage.name for stage in stages))
-        self.stages = list(stages)
-
-    def expand(self, records):
-        result = records | "Run" >> beam.ParDo(_StageChainDoFn(self.stages)).with_outputs(REJECTED, main="kept")
-        return result.kept, result[REJECTED]
+        result = records | "Run" >> beam.ParDo(_StagesDoFn(self.stages), *side).with_outputs(
+            REJECTED, STATS, main="kept")
+        return result.kept, result[REJECTED], result[STATS]
 
 
 def stage_metrics(result) -> dict:
@@ -300,6 +271,31 @@ class DistinctValues(beam.CombineFn):
 
     def extract_output(self, acc):
         return sorted(acc)
+
+
+class LatestSnapshots(beam.CombineFn):
+    """(identity, taken_ns, stats) snapshots of cumulative statistics (Stage.stats_snapshot) ->
+    the latest stats of each identity, as a list. One identity is one process's object, whose
+    clock (time.monotonic_ns) orders its snapshots; an earlier snapshot is contained in a later one."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, snapshot):
+        identity, taken_ns, stats = snapshot
+        if identity not in acc or acc[identity][0] < taken_ns:
+            acc[identity] = (taken_ns, stats)
+        return acc
+
+    def merge_accumulators(self, accs):
+        merged = {}
+        for acc in accs:
+            for identity, (taken_ns, stats) in acc.items():
+                self.add_input(merged, (identity, taken_ns, stats))
+        return merged
+
+    def extract_output(self, acc):
+        return [stats for _, (_, stats) in sorted(acc.items())]
 
 
 class SumCounts(beam.CombineFn):

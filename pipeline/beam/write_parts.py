@@ -19,7 +19,8 @@ from apache_beam.metrics import Metrics
 from pipeline.io import manifest, shards
 from pipeline.beam.wrapper import METRIC_PREFIX, plan_side_input, stage_work
 from pipeline.core.data_files import load_json
-from pipeline.core.record import Record, Reject, Rejection
+from pipeline.core.record import Record, Reject
+from pipeline.core.ledger import Rejection
 from pipeline.io.stash import StashReader, stash
 
 log = logging.getLogger(__name__)

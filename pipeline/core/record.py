@@ -82,23 +82,6 @@ class Reject:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class Rejection:
-    """One row of rejected.parquet: every input that did not become a sample."""
-    source: str
-    input_id: str
-    key: str
-    stage: str
-    reason: str
-    detail: str
-    part: str = ""  # "" = the record left every part; "clue"/"dialogue" = only that part lacks it
-
-    @classmethod
-    def of(cls, record: Record, stage: str, reject: Reject, part: str = "") -> "Rejection":
-        return cls(record.source, record.input_id, record.key, stage, reject.reason,
-                   reject.detail[:500], part)
-
-
 _UNSAFE = re.compile(r"[^a-z0-9]+")
 
 

@@ -8,9 +8,10 @@ Nothing here imports Beam: stages are unit-tested directly with `run_stage`. The
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, Optional, Union
 
-from pipeline.core.record import Record, Reject, Rejection
+from pipeline.core.record import Record, Reject
+from pipeline.core.ledger import Rejection
 
 Outcome = Union[Record, Reject]
 log = logging.getLogger(__name__)
@@ -33,6 +34,12 @@ class Stage:
         """A value the job computed before this stage runs (ApplyStage(..., side_input=...)), handed
         over before the records that need it. Only stages that ask for one implement this."""
         raise NotImplementedError(f"stage {self.name} takes no side input")
+
+    def stats_snapshot(self) -> Optional[tuple[str, int, dict]]:
+        """Cumulative statistics of this stage's own state in this process (an LVLM backend's
+        counters), sent on at each bundle's end: (identity of what counted, time.monotonic_ns()
+        when read, the stats). The build keeps each identity's latest. Most stages: None."""
+        return None
 
     def process(self, record: Record) -> Outcome:
         raise NotImplementedError

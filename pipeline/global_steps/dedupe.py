@@ -33,7 +33,8 @@ import numpy as np
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.beam.wrapper import METRIC_PREFIX, REJECTED, BundleCounts, plan_side_input, stage_work
-from pipeline.core.record import Record, Reject, Rejection
+from pipeline.core.record import Record, Reject
+from pipeline.core.ledger import Rejection
 from pipeline.global_steps.unionfind import UnionFind
 
 STAGE = "dedupe"

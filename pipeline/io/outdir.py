@@ -63,14 +63,23 @@ def _is_file(path: str) -> bool:
     return "://" not in path and os.path.isfile(path)
 
 
+def write_json(value, out: str, name: str) -> None:
+    """A small value a Beam step gathered (one element) -> OUT/name, which the report reads."""
+    write_text(join(out, name), json.dumps(value, indent=1))
+
+
+def read_json(out: str, name: str, default=None):
+    path = join(out, name)
+    return json.loads(read_text(path)) if FileSystems.exists(path) else default
+
+
 def write_counts(counts: list, out: str, name: str) -> None:
-    """Small counts a Beam step gathered (one element) -> a json file the report reads."""
-    write_text(join(out, name), json.dumps(sorted(counts), indent=1))
+    """[(value, count), ...] -> OUT/name, sorted."""
+    write_json(sorted(counts), out, name)
 
 
 def read_counts(out: str, name: str) -> list:
-    path = join(out, name)
-    return json.loads(read_text(path)) if FileSystems.exists(path) else []
+    return read_json(out, name, default=[])
 
 
 def cleanup_tmp(out: str) -> None:

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.core.ledger import read_rows as ledger_rows
 from pipeline.io import outdir
 from pipeline.report.agreement import label_agreement
 
@@ -20,10 +21,6 @@ from pipeline.report.agreement import label_agreement
 def read_parquet(path: str, columns=None):
     with FileSystems.open(path) as stream:
         return pq.read_table(stream, columns=columns)
-
-
-def _rows(path: str) -> list[dict]:
-    return read_parquet(path).to_pylist() if FileSystems.exists(path) else []
 
 
 def read_columns(path: str, columns: list[str], schema) -> pa.Table:
@@ -79,7 +76,7 @@ def build_report(config, metrics: dict) -> dict:
     manifest = read_columns(outdir.join(out, "manifest.parquet"), [
         "part", "split", "shard", "source", "key", "continent", "country_code", "nearest_country_code",
         "admin1", "admin2", "city", "country_disagreement", *labels], MANIFEST_SCHEMA)
-    ledger = _rows(outdir.join(out, "rejected.parquet"))
+    ledger = ledger_rows(out)
     inputs = dict(outdir.read_counts(out, outdir.INPUTS_FILE))
     presence = [(tuple(k), v) for k, v in outdir.read_counts(out, outdir.PRESENCE_FILE)]
     by_part_split = defaultdict(Counter)

@@ -13,8 +13,9 @@ from collections import Counter
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.core.ledger import read_rows as ledger_rows
 from pipeline.io import outdir
-from pipeline.report.build_report import count_by, read_columns, read_parquet
+from pipeline.report.build_report import count_by, read_columns
 
 PLOTS_DIR = "plots"
 TOP_COUNTRIES = 30
@@ -27,10 +28,6 @@ MAX_DOTS = 100_000              # more samples: a density map (see world_map)
 DOT_SIZE = 12 ** 0.5            # points: the dots of a scatter of size 12 (an area in points^2)
 DENSITY_CELL_DEG = 1.0
 PLOT_NAMES = ("world_map.png", "countries.png", "splits.png", "rejections.png")
-
-
-def _rows(path: str) -> list[dict]:
-    return read_parquet(path).to_pylist() if FileSystems.exists(path) else []
 
 
 def _first_part(report: dict, manifest_parts: list[str]) -> str | None:
@@ -214,7 +211,7 @@ def plot_jobs(out: str, report: dict) -> list[tuple]:
     # The columns the plots draw, not whole rows: a manifest has a row per sample.
     manifest = read_columns(outdir.join(out, "manifest.parquet"),
                             ["part", "split", "lat", "lon", "country_code", "country"], MANIFEST_SCHEMA)
-    ledger = _rows(outdir.join(out, "rejected.parquet"))
+    ledger = ledger_rows(out)
     part = _first_part(report, manifest.column("part").unique().to_pylist())
     in_part = manifest.filter(pc.equal(manifest["part"], part)) if part else manifest.slice(0, 0)
     located = in_part.filter(pc.and_(pc.is_valid(in_part["lat"]), pc.is_valid(in_part["lon"])))

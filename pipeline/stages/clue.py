@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+import uuid
 from typing import Optional
 
 from pipeline.core.prompt_files import Schema, load_prompt_set, load_schema
@@ -21,6 +23,7 @@ from pipeline.core.stage import Outcome, Stage
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 16  # records per run_inference call; the backend runs them concurrently
+_PROCESS_TAG = uuid.uuid4().hex[:12]  # ids and pids repeat across processes and machines
 
 
 def pick(key: str, salt: str, n: int) -> int:
@@ -119,13 +122,12 @@ class LvlmPartStage(Stage):
         """The backend's counters (requests, retries, cache hits, tokens, latency) for the report."""
         return self._backend.stats() if self._backend is not None else {}
 
-    # Where teardown() leaves the backend's counters for report.json (pipeline.beam.llm_parts sets it).
-    stats_dir: Optional[str] = None
-
-    def teardown(self) -> None:
-        if self.stats_dir and self._backend is not None:
-            from pipeline.beam.llm_parts import dump_backend_stats
-            dump_backend_stats(self.stats_dir, self._backend)
+    def stats_snapshot(self) -> Optional[tuple[str, int, dict]]:
+        """The backend's cumulative counters for report.json; the clue and dialogue stages of a
+        process share one backend (shared_backend), so the backend object is the identity."""
+        if self._backend is None:
+            return None
+        return f"{_PROCESS_TAG}-{id(self._backend):x}", time.monotonic_ns(), self._backend.stats()
 
     def __getstate__(self):
         # A backend made in setup() holds connections or a model: never pickled with the stage.
