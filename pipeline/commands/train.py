@@ -22,6 +22,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _workers(text: str):
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of workers >= 0 or 'auto', got {text!r}")
+    return value
+
+
 def _mix(text: str) -> dict:
     from pipeline.train.config import TrainConfig, parse_mix
 
@@ -80,7 +92,12 @@ def register(sub) -> None:
     p.add_argument("--epoch-samples", type=positive_int,
                    help="mixed samples per epoch (default: until the smallest weighted part is seen once, from _stats.json)")
     p.add_argument("--shuffle-buffer", type=positive_int, default=1000, help="sample shuffle buffer per worker (default 1000)")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per device (default 2)")
+    p.add_argument("--num-workers", type=_workers, default=None, metavar="N|auto",
+                   help="DataLoader workers per device, which decode, tokenise and batch (default auto: "
+                   "the CPUs per GPU minus one, at most 8)")
+    p.add_argument("--packing", action="store_true",
+                   help="pack whole samples into rows of up to --max-length tokens (no padding; per-sample "
+                   "positions); models that cannot train on packed rows fall back to padded batches")
     p.add_argument("--resample", choices=("auto", "on", "off"), default="auto",
                    help="draw shards with replacement; auto: on with several ranks (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights init, data order and dropout (default 0)")

@@ -50,7 +50,8 @@ class TrainConfig:
     epochs: float = 1.0
     epoch_samples: Optional[int] = None        # samples (all ranks) per epoch; default from _stats.json
     shuffle_buffer: int = 1000
-    num_workers: int = 2
+    num_workers: Optional[int] = None          # DataLoader workers per rank; None = sized to the CPUs
+    packing: bool = False                      # pack whole samples into rows of max_length tokens
     resample: str = "auto"                     # auto (on with several ranks) | on | off
     seed: int = 0
     log_every: int = 10
