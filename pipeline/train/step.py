@@ -89,9 +89,14 @@ def mrope_positions(model, batch: dict, seq_lens: list[list[int]]) -> torch.Tens
 
 
 def model_inputs(batch: dict, model=None, mode: Optional[str] = None) -> dict:
-    """The batch without bookkeeping keys; packed Qwen2-VL batches get their 4-row positions."""
+    """The batch without bookkeeping keys, for model(**inputs); packed Qwen2-VL batches get their
+    4-row positions."""
     seq_lens = batch.get("_seq_lens")
     inputs = {k: v for k, v in batch.items() if not k.startswith("_")}
+    if seq_lens is not None:
+        # A cache (the text config's use_cache defaults to True) turns off transformers'
+        # packed-sequence masks, so packed rows must run without one.
+        inputs["use_cache"] = False
     if mode == "mrope" and seq_lens is not None:
         inputs["position_ids"] = mrope_positions(model, inputs, seq_lens)
     return inputs
