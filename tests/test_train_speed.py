@@ -270,3 +270,145 @@ def test_bad_worker_count_exits_2(capsys):
         cli.main(["train", "--data", "d", "--output", "o", "--num-workers", "many"])
     assert exc.value.code == 2
     assert "--num-workers" in capsys.readouterr().err
+
+
+# -- optional speed paths ----------------------------------------------------------------------------
+
+def test_liger_is_skipped_cleanly_when_missing(tiny_model, corpus, tmp_path, capsys):
+    from pipeline.train.speed import liger_available
+
+    if liger_available():
+        pytest.skip("liger-kernel is installed here")
+    assert _train(tiny_model, corpus, tmp_path / "run", "--liger", "--max-steps", "1") == 0
+    assert "--liger: liger-kernel is not installed (pip install 'mg-geo[liger]')" in capsys.readouterr().err
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+
+
+def test_selective_checkpointing_gives_the_same_gradients(tiny_model, encoder, examples):
+    from pipeline.train.speed import enable_checkpointing
+
+    batch = pad_collate(examples[:3], encoder.pad_token_id)
+    grads = []
+    for mode in (None, "full", "selective"):
+        model = _model(tiny_model)
+        model.train()
+        if mode:
+            enable_checkpointing(model, selective=mode == "selective")
+        model(**batch).loss.backward()
+        grads.append(_grads(model))
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys()
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(other[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_blocks_compute_the_same_loss(tiny_model, encoder, examples):
+    from pipeline.train.speed import compile_blocks
+
+    batch = pad_collate(examples[:2], encoder.pad_token_id)
+    model = _model(tiny_model)
+    with torch.no_grad():
+        before = float(model(**batch).loss)
+        assert compile_blocks(model, backend="eager") == 3  # 1 SigLIP + 2 Qwen2 layers
+        assert float(model(**batch).loss) == pytest.approx(before, rel=1e-6)
+
+
+def test_master_weight_adamw_keeps_updates_bf16_would_lose():
+    from pipeline.train.speed import MasterWeightAdamW
+
+    torch.manual_seed(0)
+    start = torch.randn(64)
+    # On fp32 weights it is AdamW.
+    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    ours, ref = MasterWeightAdamW([a], lr=1e-2, weight_decay=0.1), torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1)
+    for step in range(5):
+        for p, opt in ((a, ours), (b, ref)):
+            p.grad = torch.sin(start * (step + 1))
+            opt.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    # On bf16 weights, updates far below bf16's resolution still add up in the fp32 master.
+    w = torch.nn.Parameter(torch.full((8,), 1.0, dtype=torch.bfloat16))
+    plain = torch.nn.Parameter(torch.full((8,), 1.0, dtype=torch.bfloat16))
+    opt, plain_opt = MasterWeightAdamW([w], lr=1e-4), torch.optim.AdamW([plain], lr=1e-4, weight_decay=0.0)
+    for _ in range(100):
+        for p, o in ((w, opt), (plain, plain_opt)):
+            p.grad = torch.ones(8, dtype=torch.bfloat16)
+            o.step()
+    assert opt.state[w]["master"].dtype == torch.float32
+    assert float(opt.state[w]["master"][0]) == pytest.approx(1.0 - 100 * 1e-4, rel=1e-4)
+    assert float(w[0]) < 1.0 and float(plain[0]) == 1.0  # bf16 AdamW lost every update
+    state = opt.state_dict()
+    assert "master" in state["state"][0]
+
+
+def test_bf16_master_and_selective_checkpointing_runs(tiny_model, corpus, tmp_path):
+    out = tmp_path / "run"
+    assert _train(tiny_model, corpus, out, "--precision", "bf16-master", "--selective-checkpointing",
+                  "--max-steps", "2") == 0
+    optimizer = torch.load(out / "checkpoints" / "step-0000002" / "optimizer.pt", weights_only=False)
+    masters = [s["master"] for s in optimizer["state"].values()]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    assert all(r["loss"] == r["loss"] for r in _metrics(out))
+
+
+def _per_window_sdpa(q, k, v, cu):
+    outs = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        outs.append(torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]))
+    return torch.cat(outs, dim=2).transpose(1, 2)  # (1, tokens, heads, dim)
+
+
+def test_window_attention_in_one_call_equals_per_window_sdpa():
+    from pipeline.train.attention import window_attention
+
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 64, 128, 150, 214, 230, 294], dtype=torch.int32)  # uneven windows, as at image edges
+    q, k, v = (torch.randn(1, 4, 294, 16, requires_grad=True) for _ in range(3))
+    expected = _per_window_sdpa(q, k, v, cu)
+    out, _ = window_attention(None, q, k, v, scaling=16 ** -0.5, cu_seq_lens_q=cu, max_length_q=64)
+    assert out.shape == expected.shape == (1, 294, 4, 16)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # One attention over all tokens is something else: the comparison can fail.
+    whole = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    assert not torch.allclose(whole, expected, atol=1e-3)
+
+
+def test_vision_window_attention_flag_falls_back_cleanly_on_cpu(tiny_model):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_train import make_config, synthetic_batch
+    from transformers import AutoModelForImageTextToText
+
+    from pipeline.train.attention import use_window_attention
+
+    config = make_config(tiny=True, layers=None)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa").eval()
+    batch = synthetic_batch(config, 1, 80, 112, "cpu")
+    with torch.no_grad():
+        before = float(model(**batch).loss)
+        changed = use_window_attention(model)
+        assert float(model(**batch).loss) == pytest.approx(before, rel=1e-5)
+    if not changed:  # without flash-attn, transformers 5 refuses a custom "flash" implementation
+        assert model.config.vision_config._attn_implementation == "sdpa"
+    assert use_window_attention(_model(tiny_model)) is False  # LLaVA/SigLIP: no window attention
+
+
+def test_bench_loop_runs_the_real_loop_on_a_cpu(corpus, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_train import main
+
+    result = main(["--loop", "--tiny", "--data", str(corpus), "--steps", "2", "--warmup", "1", "--batch-size", "2",
+                   "--num-workers", "0", "--packing", "--max-length", "320", "--shuffle-buffer", "4",
+                   "--out", str(tmp_path / "loop.json")])
+    assert result["mode"] == "loop" and result["packing"] is True and result["steps"] == 2
+    assert result["tokens_per_s"] > 0 and 0.0 <= result["data_wait"] <= 1.0 and result["last_loss"] > 0
+    assert result["samples_per_s"] > 0 and json.loads((tmp_path / "loop.json").read_text())["model"] == \
+        "LlavaForConditionalGeneration"

@@ -38,6 +38,7 @@ from pipeline.train.collate import ChatEncoder
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import (MixedShardStream, count_samples, default_epoch_samples, default_workers,
                                  find_shards, make_loader)
+from pipeline.train.speed import apply_liger, compile_blocks, enable_checkpointing, make_optimizer
 from pipeline.train.step import label_tokens, model_inputs, packing_mode, token_weighted_backward
 
 log = logging.getLogger("pipeline.train")
@@ -172,7 +173,11 @@ def freeze_vision(model) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    """One `mg-geo train` run. model_factory(dtype, attention) replaces loading cfg.model's weights
+    (the benchmark trains a randomly initialised model built from a config); write_outputs=False
+    skips checkpoints and the final export (a benchmark's 3B model would write tens of GB)."""
+
+    def __init__(self, cfg: TrainConfig, model_factory=None, write_outputs: bool = True):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -182,7 +187,8 @@ class Trainer:
         # Some VLMs hold parameters no loss reaches (a SigLIP tower's pooling head and last norm
         # when LLaVA reads an inner layer): DDP must be told, or it waits for their gradients.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        self.accelerator = Accelerator(mixed_precision="bf16" if self.precision != "fp32" else "no",
+        # bf16-master holds bf16 weights and computes in them: no autocast (and none of its casts).
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.precision in ("bf16", "bf16-mixed") else "no",
                                        step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
@@ -192,6 +198,7 @@ class Trainer:
                 self.accelerator.state, "num_machines", 1) or 1))
         self.workers = max(1, cfg.num_workers)
         self.weights = cfg.part_weights()
+        self.model_factory, self.write_outputs = model_factory, write_outputs
 
     # -- setup -----------------------------------------------------------------------------
     def _plan(self) -> None:
@@ -216,21 +223,25 @@ class Trainer:
         # Full fine-tuning keeps fp32 master weights under bf16 autocast; a frozen LoRA base and
         # pure-bf16 runs hold the weights in bf16.
         dtype = torch.float32
-        if self.precision == "bf16" or (cfg.lora and self.precision != "fp32"):
+        if self.precision in ("bf16", "bf16-master") or (cfg.lora and self.precision != "fp32"):
             dtype = torch.bfloat16
         source = cfg.init_from or cfg.model
-        model = load_model(source, dtype, attention)
+        model = self.model_factory(dtype, attention) if self.model_factory else load_model(source, dtype, attention)
         self.attention = getattr(model.config, "_attn_implementation", None) or attention  # after any fallback
         log.info("model %s (%s, %s attention, %s)", source, type(model).__name__, attention, self.precision)
         model.config.use_cache = False
         if cfg.freeze_vision:
             log.info("froze %d vision-encoder tensors", freeze_vision(model))
+        if cfg.liger:
+            apply_liger(model)
+        if cfg.vision_attn != "default":
+            from pipeline.train.attention import use_window_attention
+
+            use_window_attention(model)
         if cfg.gradient_checkpointing:
-            # Non-reentrant checkpointing works with frozen inputs (LoRA) and DDP.
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, selective=cfg.selective_checkpointing)
+        elif cfg.selective_checkpointing:
+            log.warning("--selective-checkpointing has no effect with --no-gradient-checkpointing")
         if cfg.lora:
             from peft import LoraConfig, get_peft_model
 
@@ -241,6 +252,8 @@ class Trainer:
                                                      lora_dropout=cfg.lora_dropout, target_modules=targets))
             if cfg.gradient_checkpointing:
                 model.enable_input_require_grads()
+        if cfg.compile:
+            log.info("torch.compile: %d blocks compiled (the first steps include compile time)", compile_blocks(model))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         log.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100 * n_train / max(1, n_all))
@@ -253,8 +266,9 @@ class Trainer:
         for _, param in model.named_parameters():
             if param.requires_grad:
                 (decay if param.dim() >= 2 else no_decay).append(param)  # no decay on norms and biases
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr)
+        optimizer = make_optimizer([{"params": decay, "weight_decay": self.cfg.weight_decay},
+                                    {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr,
+                                   master_weights=self.precision == "bf16-master")
         scheduler = get_scheduler(self.cfg.scheduler, optimizer,
                                   num_warmup_steps=math.ceil(self.cfg.warmup_ratio * self.max_steps),
                                   num_training_steps=self.max_steps)
@@ -436,7 +450,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.max_steps:
                     self._log(window, lr, dropped, writer, metrics)
                     window = _new_window()
-                if self.step % cfg.save_every == 0 or self.step == self.max_steps:
+                if self.write_outputs and (self.step % cfg.save_every == 0 or self.step == self.max_steps):
                     saving = time.perf_counter()
                     self._save_checkpoint()
                     window["start"] += time.perf_counter() - saving  # rates count training time only
@@ -445,7 +459,8 @@ class Trainer:
                 writer.close()
             if metrics:
                 metrics.close()
-        self._export()
+        if self.write_outputs:
+            self._export()
         if last_loss is not None and self.world > 1:
             last_loss = acc.reduce(last_loss, reduction="sum")
         return {"step": self.step, "max_steps": self.max_steps, "output": str(self.out),
@@ -465,7 +480,7 @@ class Trainer:
                               torch.tensor(float(window["label_tokens"]), dtype=torch.float64, device=acc.device),
                               torch.tensor(window["wait"], dtype=torch.float64, device=acc.device)])
         totals = acc.reduce(totals, reduction="sum")
-        row = {"step": self.step, "loss": float(totals[0]), "lr": lr,
+        row = {"step": self.step, "loss": float(totals[0]), "lr": lr, "seconds": elapsed, "tokens": int(totals[1]),
                "tokens_per_s": float(totals[1]) / elapsed, "samples_per_s": float(totals[2]) / elapsed,
                "label_tokens": int(totals[3]),
                "data_wait": min(1.0, float(totals[4]) / self.world / elapsed),
