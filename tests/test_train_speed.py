@@ -131,13 +131,13 @@ def test_packed_rows_give_the_padded_loss_and_gradient(tiny_model, encoder, exam
         model.zero_grad(set_to_none=True)
         packed_loss = model(**model_inputs(packed)).loss
         packed_loss.backward()
-        assert float(packed_loss.detach()) == pytest.approx(float(loss), rel=1e-5, abs=1e-6)
+        assert float(packed_loss.detach()) == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-6)
         for name, grad in reference.items():
             torch.testing.assert_close(_grads(model)[name], grad, rtol=1e-3, atol=1e-5, msg=name)
     # Without the per-sample positions the rows are one long sequence: another loss (the check can fail).
     packed = model_inputs(pack_collate([examples], encoder.pad_token_id))
     packed.pop("position_ids")
-    assert abs(float(model(**packed).loss) - float(loss)) > 1e-4
+    assert abs(float(model(**packed).loss.detach()) - float(loss.detach())) > 1e-4
 
 
 def _qwen_example(config, text_len: int, grid: int, seed: int) -> dict:

@@ -19,7 +19,6 @@ OUTPUT/
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
