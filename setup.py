@@ -64,6 +64,8 @@ setup(
     extras_require={
         "dev": ["pytest>=8,<10"],
         "train": TRAIN_REQUIRES,
+        # Liger's fused Triton kernels for `mg-geo train --liger` (GPU only; not in `make install`).
+        "liger": ["liger-kernel>=0.5,<1"],
         "download": ["img2dataset>=1.47,<2"],  # `mg-geo download`: URL tables -> WebDataset shards
         # Dataflow and gs:// (Beam's GCP IO); the tests validate a Dataflow job graph offline.
         "gcp": ["apache-beam[gcp]>=2.60,<3"],

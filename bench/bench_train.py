@@ -9,6 +9,15 @@ on synthetic batches shaped like MG-Geo samples: one image of --image-size pixel
     python bench/bench_train.py                       # one GPU, defaults below
     python bench/bench_train.py --batch-size 8 --seq-len 1024 --no-gradient-checkpointing
     python bench/bench_train.py --tiny --device cpu   # a seconds-long smoke run of the code path
+    python bench/bench_train.py --loop --data OUT --processor QWEN_PROCESSOR_DIR --packing
+    python bench/bench_train.py --loop --tiny --data OUT   # the real loop on a CPU (tested)
+
+--loop measures the real `mg-geo train` loop instead: real shards from a build (--data), the real
+encoder, collate, DataLoader workers and Trainer (token-weighted steps, packing with --packing),
+on the same random-weights architecture (--tiny: the tests' tiny LLaVA and its processor; else
+Qwen2.5-VL-3B's config with the processor files of --processor, a local copy of
+Qwen/Qwen2.5-VL-3B-Instruct's json/txt files: no weights are read). It prints tokens/s, MFU,
+the share of step time spent waiting for data, and peak memory.
 
 Prints one JSON object (and writes it to --out): tokens_per_s, samples_per_s, mfu, peak_memory_gb,
 step_time_s, ... MFU counts model FLOPs only (6 x parameters per token + attention; the recompute
@@ -154,6 +163,81 @@ def peak_flops(device, override_tflops: float | None) -> float | None:
     return None
 
 
+def speed_options(args) -> dict:
+    """The TrainConfig speed fields this benchmark passes on (those the config knows)."""
+    from pipeline.train.config import TrainConfig
+
+    wanted = {"liger": args.liger, "compile": args.compile, "vision_attn": args.vision_attn}
+    return {k: v for k, v in wanted.items() if k in TrainConfig.__dataclass_fields__}
+
+
+def run_loop(args) -> dict:
+    """The real training loop (pipeline.train.trainer.Trainer) on a random-weights model."""
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.trainer import Trainer
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-loop-"))
+    if args.tiny:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from tiny_vlm import build_tiny_vlm
+
+        processor_dir = build_tiny_vlm(work / "tiny-vlm")
+        config = AutoConfig.from_pretrained(processor_dir)
+        if args.layers:
+            config.text_config.num_hidden_layers = args.layers
+    else:
+        if not args.processor:
+            raise SystemExit("--loop without --tiny needs --processor DIR (Qwen2.5-VL-3B-Instruct's processor files)")
+        processor_dir = Path(args.processor)
+        config = make_config(tiny=False, layers=args.layers)
+
+    def random_model(dtype, attention):
+        torch.manual_seed(0)
+        return AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attention)
+
+    steps = args.warmup + args.steps
+    cfg = TrainConfig(
+        data=args.data, output=str(work / "run"), stage=args.stage, model=str(processor_dir),
+        precision=args.precision or "auto", attn=args.attn, gradient_checkpointing=args.gradient_checkpointing,
+        max_length=args.max_length, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=1e-5,
+        warmup_ratio=0.0, max_steps=steps, epoch_samples=max(1, steps * args.batch_size),
+        num_workers=args.num_workers, packing=args.packing, shuffle_buffer=args.shuffle_buffer,
+        max_pixels=args.max_pixels, log_every=1, save_every=10**9, **args.speed)
+    trainer = Trainer(cfg, model_factory=random_model, write_outputs=False)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    summary = trainer.run()
+    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    timed = rows[args.warmup:] or rows
+    seconds = sum(r["seconds"] for r in timed)
+    tokens = sum(r["tokens"] for r in timed)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    device = trainer.accelerator.device
+    peak = peak_flops(device, args.peak_tflops)
+    # 6 x parameters per token (the vision tower's counted per text token too: an approximation).
+    flops_per_s = 6 * params * tokens / max(seconds, 1e-9)
+    result = {
+        "mode": "loop", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+        "precision": trainer.precision, "attention": trainer.attention, "packing": bool(trainer.pack_mode),
+        "gradient_checkpointing": args.gradient_checkpointing, "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum, "max_length": args.max_length, "num_workers": cfg.num_workers,
+        "steps": len(timed), "step_time_s": seconds / max(1, len(timed)),
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "samples_per_s": sum(sum(r["parts"].values()) for r in timed) / max(seconds, 1e-9),
+        "data_wait": sum(r["data_wait"] * r["seconds"] for r in timed) / max(seconds, 1e-9),
+        "model_tflops_per_s": flops_per_s / 1e12, "mfu": flops_per_s / peak if peak else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "last_loss": summary["last_loss"],
+    }
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=4)
@@ -170,7 +254,31 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, when not in the table")
     parser.add_argument("--out", help="also write the result JSON here")
+    loop = parser.add_argument_group("--loop: the real `mg-geo train` loop")
+    loop.add_argument("--loop", action="store_true", help="measure the real training loop on --data's shards")
+    loop.add_argument("--data", help="corpus root written by `mg-geo build`")
+    loop.add_argument("--processor", help="processor directory (Qwen2.5-VL-3B-Instruct's files) unless --tiny")
+    loop.add_argument("--stage", type=int, choices=(1, 2), default=1)
+    loop.add_argument("--packing", action="store_true")
+    loop.add_argument("--max-length", type=int, default=2048)
+    loop.add_argument("--max-pixels", type=int, default=1024 * 28 * 28)
+    loop.add_argument("--grad-accum", type=int, default=1)
+    loop.add_argument("--num-workers", type=int, default=None, help="default: sized to the CPUs")
+    loop.add_argument("--shuffle-buffer", type=int, default=1000)
+    loop.add_argument("--liger", action="store_true", help="Liger kernels (when installed)")
+    loop.add_argument("--compile", action="store_true", help="torch.compile the model")
+    loop.add_argument("--vision-attn", choices=("default", "windows"), default="default")
     args = parser.parse_args(argv)
+    if args.loop:
+        if not args.data:
+            parser.error("--loop needs --data (a corpus root written by `mg-geo build`)")
+        args.speed = speed_options(args)
+        result = run_loop(args)
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return result
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 

@@ -22,6 +22,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _workers(text: str):
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of workers >= 0 or 'auto', got {text!r}")
+    return value
+
+
 def _mix(text: str) -> dict:
     from pipeline.train.config import TrainConfig, parse_mix
 
@@ -59,12 +71,23 @@ def register(sub) -> None:
                    help="'language' (attention+MLP projections of the language model; default), 'all-linear', "
                    "a regex or a comma list of module names")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision encoder (its merger/projector still trains)")
-    p.add_argument("--precision", choices=("auto", "bf16-mixed", "bf16", "fp32"), default="auto",
-                   help="auto: bf16-mixed where the GPU supports bf16, else fp32 (default auto)")
+    p.add_argument("--precision", choices=("auto", "bf16-mixed", "bf16", "bf16-master", "fp32"), default="auto",
+                   help="auto: bf16-mixed where the GPU supports bf16, else fp32; bf16: bf16 weights and AdamW "
+                   "state; bf16-master: bf16 weights, fp32 master weights and AdamW state (default auto)")
     p.add_argument("--attn", choices=("auto", "flash_attention_2", "sdpa", "eager"), default="auto",
                    help="auto: flash_attention_2 when flash-attn is installed on a GPU, else sdpa (default auto)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    help="keep activations (faster, more memory)")
+    p.add_argument("--selective-checkpointing", action="store_true",
+                   help="activation checkpointing keeps matmul and attention outputs and recomputes only "
+                   "element-wise ops (less recompute, more memory than full checkpointing)")
+    p.add_argument("--liger", action="store_true",
+                   help="Liger fused kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) when "
+                   "liger-kernel is installed and a GPU is present; otherwise skipped with a log line")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's repeated blocks")
+    p.add_argument("--vision-attn", choices=("default", "windows"), default="default",
+                   help="windows: Qwen2.5-VL's vision window attention in one call per layer "
+                   "(flash-attn varlen when installed, else one masked SDPA call) instead of one per window")
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"pixels per image at most, which caps image tokens (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--max-length", type=positive_int, default=2048, help="tokens per sample at most (default 2048)")
@@ -80,7 +103,12 @@ def register(sub) -> None:
     p.add_argument("--epoch-samples", type=positive_int,
                    help="mixed samples per epoch (default: until the smallest weighted part is seen once, from _stats.json)")
     p.add_argument("--shuffle-buffer", type=positive_int, default=1000, help="sample shuffle buffer per worker (default 1000)")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per device (default 2)")
+    p.add_argument("--num-workers", type=_workers, default=None, metavar="N|auto",
+                   help="DataLoader workers per device, which decode, tokenise and batch (default auto: "
+                   "the CPUs per GPU minus one, at most 8)")
+    p.add_argument("--packing", action="store_true",
+                   help="pack whole samples into rows of up to --max-length tokens (no padding; per-sample "
+                   "positions); models that cannot train on packed rows fall back to padded batches")
     p.add_argument("--resample", choices=("auto", "on", "off"), default="auto",
                    help="draw shards with replacement; auto: on with several ranks (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights init, data order and dropout (default 0)")

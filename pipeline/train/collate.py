@@ -220,6 +220,60 @@ def pad_collate(examples: list[dict], pad_token_id: int) -> dict:
             continue
         values = [e[key] for e in examples]
         batch[key] = torch.cat(values, dim=0) if hasattr(values[0], "dim") else values
-    # Bookkeeping for the trainer (never given to the model): where each sample came from.
-    batch["_meta"] = {k: [e[k] for e in examples] for k in examples[0] if k.startswith("_")}
+    return batch
+
+
+def pack_collate(packs: list[list[dict]], pad_token_id: int, flatten: bool = False) -> dict:
+    """Padding-free packing: each row concatenates whole samples, with position ids restarting at
+    0 for every sample and no attention mask - transformers' packed-sequence convention (as its
+    DataCollatorWithFlattening): SDPA/eager build a block-diagonal causal mask from the position
+    ids, flash-attention runs varlen from them. The first label of every sample is ignored so that
+    no sample learns to predict the start of the next one (with padded rows that label is never
+    predicted either, so packed and padded batches have the same loss).
+
+    Rows are right-padded to the longest with a position run of their own (a sample of pad
+    tokens without labels); flatten=True joins all rows into one instead (no padding at all, the
+    layout for flash-attention varlen). Per-image inputs are concatenated in sample order, as
+    pad_collate does, so each image still meets its own image tokens. `_seq_lens` (lengths of the
+    samples, row by row, padding included as its own entry) lets the trainer build per-sample
+    3D rope positions for the Qwen2-VL family."""
+    import torch
+
+    rows: list[dict] = []
+    for pack in packs:
+        row = {}
+        for key in SEQUENCE_KEYS:
+            if key == "attention_mask" or key not in pack[0]:
+                continue
+            parts = [e[key] for e in pack]
+            if key == "labels":
+                parts = [torch.cat([torch.full((1,), IGNORE_INDEX, dtype=p.dtype), p[1:]]) for p in parts]
+            row[key] = torch.cat(parts)
+        row["position_ids"] = torch.cat([torch.arange(len(e["input_ids"])) for e in pack])
+        row["_seq_lens"] = [len(e["input_ids"]) for e in pack]
+        rows.append(row)
+    if flatten:
+        joined = {key: torch.cat([r[key] for r in rows]) for key in rows[0] if key != "_seq_lens"}
+        joined["_seq_lens"] = [n for r in rows for n in r["_seq_lens"]]
+        rows = [joined]
+    length = max(len(r["input_ids"]) for r in rows)
+    batch: dict = {}
+    for key in rows[0]:
+        if key == "_seq_lens":
+            continue
+        fill = pad_token_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
+        padded = []
+        for r in rows:
+            pad = length - len(r[key])
+            tail = torch.arange(pad) if key == "position_ids" else torch.full((pad,), fill, dtype=r[key].dtype)
+            padded.append(torch.cat([r[key], tail]) if pad else r[key])
+        batch[key] = torch.stack(padded)
+    batch["_seq_lens"] = [r["_seq_lens"] + ([length - len(r["input_ids"])] if length > len(r["input_ids"]) else [])
+                         for r in rows]
+    examples = [e for pack in packs for e in pack]
+    for key in examples[0]:
+        if key in SEQUENCE_KEYS or key.startswith("_"):
+            continue
+        values = [e[key] for e in examples]
+        batch[key] = torch.cat(values, dim=0) if hasattr(values[0], "dim") else values
     return batch

@@ -34,9 +34,13 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: str = "all-linear"
     freeze_vision: bool = False
-    precision: str = "auto"                    # auto | bf16-mixed | bf16 | fp32
+    precision: str = "auto"                    # auto | bf16-mixed | bf16 | bf16-master | fp32
     attn: str = "auto"                         # auto | flash_attention_2 | sdpa | eager
     gradient_checkpointing: bool = True
+    selective_checkpointing: bool = False      # keep matmul/attention outputs, recompute the rest
+    liger: bool = False                        # Liger kernels when installed (GPU)
+    compile: bool = False                      # torch.compile the repeated blocks
+    vision_attn: str = "default"               # default | windows (one attention call per vision layer)
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_length: int = 2048
     batch_size: int = 4                        # per device
@@ -50,7 +54,8 @@ class TrainConfig:
     epochs: float = 1.0
     epoch_samples: Optional[int] = None        # samples (all ranks) per epoch; default from _stats.json
     shuffle_buffer: int = 1000
-    num_workers: int = 2
+    num_workers: Optional[int] = None          # DataLoader workers per rank; None = sized to the CPUs
+    packing: bool = False                      # pack whole samples into rows of max_length tokens
     resample: str = "auto"                     # auto (on with several ranks) | on | off
     seed: int = 0
     log_every: int = 10

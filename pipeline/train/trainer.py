@@ -19,7 +19,6 @@ OUTPUT/
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -36,8 +35,10 @@ import torch
 
 from pipeline.train.collate import ChatEncoder
 from pipeline.train.config import TrainConfig
-from pipeline.train.data import (MixedShardStream, count_samples, default_epoch_samples, find_shards,
-                                 make_loader)
+from pipeline.train.data import (MixedShardStream, count_samples, default_epoch_samples, default_workers,
+                                 find_shards, make_loader)
+from pipeline.train.speed import apply_liger, compile_blocks, enable_checkpointing, make_optimizer
+from pipeline.train.step import label_tokens, model_inputs, packing_mode, token_weighted_backward
 
 log = logging.getLogger("pipeline.train")
 
@@ -171,7 +172,11 @@ def freeze_vision(model) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    """One `mg-geo train` run. model_factory(dtype, attention) replaces loading cfg.model's weights
+    (the benchmark trains a randomly initialised model built from a config); write_outputs=False
+    skips checkpoints and the final export (a benchmark's 3B model would write tens of GB)."""
+
+    def __init__(self, cfg: TrainConfig, model_factory=None, write_outputs: bool = True):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -181,13 +186,18 @@ class Trainer:
         # Some VLMs hold parameters no loss reaches (a SigLIP tower's pooling head and last norm
         # when LLaVA reads an inner layer): DDP must be told, or it waits for their gradients.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        self.accelerator = Accelerator(mixed_precision="bf16" if self.precision != "fp32" else "no",
+        # bf16-master holds bf16 weights and computes in them: no autocast (and none of its casts).
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.precision in ("bf16", "bf16-mixed") else "no",
                                        step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        if cfg.num_workers is None:  # auto: sized to the CPUs of this machine's ranks
+            cfg.num_workers = default_workers(self.accelerator.num_processes // max(1, getattr(
+                self.accelerator.state, "num_machines", 1) or 1))
         self.workers = max(1, cfg.num_workers)
         self.weights = cfg.part_weights()
+        self.model_factory, self.write_outputs = model_factory, write_outputs
 
     # -- setup -----------------------------------------------------------------------------
     def _plan(self) -> None:
@@ -208,24 +218,29 @@ class Trainer:
 
     def _build_model(self):
         cfg = self.cfg
-        attention = resolve_attention(cfg.attn, self.precision)
+        attention = self.attention = resolve_attention(cfg.attn, self.precision)
         # Full fine-tuning keeps fp32 master weights under bf16 autocast; a frozen LoRA base and
         # pure-bf16 runs hold the weights in bf16.
         dtype = torch.float32
-        if self.precision == "bf16" or (cfg.lora and self.precision != "fp32"):
+        if self.precision in ("bf16", "bf16-master") or (cfg.lora and self.precision != "fp32"):
             dtype = torch.bfloat16
         source = cfg.init_from or cfg.model
-        model = load_model(source, dtype, attention)
+        model = self.model_factory(dtype, attention) if self.model_factory else load_model(source, dtype, attention)
+        self.attention = getattr(model.config, "_attn_implementation", None) or attention  # after any fallback
         log.info("model %s (%s, %s attention, %s)", source, type(model).__name__, attention, self.precision)
         model.config.use_cache = False
         if cfg.freeze_vision:
             log.info("froze %d vision-encoder tensors", freeze_vision(model))
+        if cfg.liger:
+            apply_liger(model)
+        if cfg.vision_attn != "default":
+            from pipeline.train.attention import use_window_attention
+
+            use_window_attention(model)
         if cfg.gradient_checkpointing:
-            # Non-reentrant checkpointing works with frozen inputs (LoRA) and DDP.
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, selective=cfg.selective_checkpointing)
+        elif cfg.selective_checkpointing:
+            log.warning("--selective-checkpointing has no effect with --no-gradient-checkpointing")
         if cfg.lora:
             from peft import LoraConfig, get_peft_model
 
@@ -236,6 +251,8 @@ class Trainer:
                                                      lora_dropout=cfg.lora_dropout, target_modules=targets))
             if cfg.gradient_checkpointing:
                 model.enable_input_require_grads()
+        if cfg.compile:
+            log.info("torch.compile: %d blocks compiled (the first steps include compile time)", compile_blocks(model))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         log.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100 * n_train / max(1, n_all))
@@ -248,8 +265,9 @@ class Trainer:
         for _, param in model.named_parameters():
             if param.requires_grad:
                 (decay if param.dim() >= 2 else no_decay).append(param)  # no decay on norms and biases
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr)
+        optimizer = make_optimizer([{"params": decay, "weight_decay": self.cfg.weight_decay},
+                                    {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.lr,
+                                   master_weights=self.precision == "bf16-master")
         scheduler = get_scheduler(self.cfg.scheduler, optimizer,
                                   num_warmup_steps=math.ceil(self.cfg.warmup_ratio * self.max_steps),
                                   num_training_steps=self.max_steps)
@@ -275,7 +293,9 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / f"rng-{self.rank}.pt")
         (tmp / f"data-{self.rank}.json").write_text(json.dumps(
-            {"positions": self.positions, "batches": self.batches, "workers": self.workers, "world": self.world}))
+            {"format": 2, "states": self.states, "batches": self.batches, "workers": self.workers,
+             "world": self.world, "packing": bool(self.pack_mode), "batch_size": self.cfg.batch_size,
+             "max_length": self.cfg.max_length}))
         acc.wait_for_everyone()
         if self.is_main:
             save_weights(acc.unwrap_model(self.model), tmp / "model.safetensors", self.cfg.lora)
@@ -310,13 +330,17 @@ class Trainer:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
         data = json.loads(data_file.read_text()) if data_file.exists() else None
-        if data and data["workers"] == self.workers and data["world"] == self.world:
-            self.positions = {int(k): v for k, v in data["positions"].items()}
+        layout = {"workers": self.workers, "world": self.world, "packing": bool(self.pack_mode),
+                  "batch_size": self.cfg.batch_size, "max_length": self.cfg.max_length}
+        if data and data.get("format") == 2 and all(data.get(k) == v for k, v in layout.items()):
+            self.states = {int(k): v for k, v in data["states"].items()}
             self.batches = int(data["batches"])
         else:
-            # Another rank/worker layout cannot continue the same streams: start new ones with a
-            # seed of their own rather than replay the samples already trained on.
-            log.warning("resuming with a different number of ranks or workers: the data order starts anew")
+            # Another rank/worker/batch layout (or a checkpoint from before stream states) cannot
+            # continue the same streams: start new ones with a seed of their own rather than
+            # replay the samples already trained on.
+            log.warning("resuming with a different number of ranks, workers, batch size or packing: "
+                        "the data order starts anew")
             self.data_seed = self.cfg.seed + 1_000_003 * self.step
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -345,9 +369,17 @@ class Trainer:
         self.processor = processor
         encoder = ChatEncoder(processor, max_length=cfg.max_length, max_pixels=cfg.max_pixels)
         model = self._build_model()
+        self.pack_mode = None
+        if cfg.packing:
+            self.pack_mode, why = packing_mode(model, self.attention)
+            if self.pack_mode:
+                log.info("packing samples into rows of up to %d tokens (%s positions%s)", cfg.max_length,
+                         self.pack_mode, ", one flattened row per micro-batch" if self._flatten() else "")
+            else:
+                log.warning("--packing off: %s; training on padded batches", why)
         optimizer, scheduler = self._build_optimizer(model)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        self.step, self.positions, self.batches, self.data_seed = 0, {}, 0, cfg.seed
+        self.step, self.states, self.batches, self.data_seed = 0, {}, 0, cfg.seed
         resume = self._resume_path()
         if resume:
             self._load_checkpoint(resume)
@@ -357,42 +389,53 @@ class Trainer:
 
         stream = MixedShardStream(self.shards, self.weights, encoder, seed=self.data_seed, rank=self.rank,
                                   world=self.world, shuffle_buffer=cfg.shuffle_buffer, resample=cfg.resample,
-                                  start_positions=self.positions, worker_offset=self.batches % self.workers)
-        loader = make_loader(stream, cfg.batch_size, cfg.num_workers, encoder.pad_token_id)
+                                  start_states=self.states, worker_offset=self.batches % self.workers,
+                                  batch_size=cfg.batch_size, pack_tokens=cfg.max_length if self.pack_mode else 0,
+                                  flatten=self._flatten(), pad_token_id=encoder.pad_token_id)
+        loader = make_loader(stream, cfg.num_workers, pin_memory=acc.device.type == "cuda")
         writer, metrics = None, None
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.out / "tensorboard"))
             metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
-        log.info("training steps %d -> %d: %d samples per step (%d per device x %d accumulation x %d ranks), "
-                 "epoch = %d samples", self.step, self.max_steps, self.global_batch, cfg.batch_size,
-                 cfg.grad_accum, self.world, self.epoch_samples)
+        log.info("training steps %d -> %d: %d %s per step (%d per device x %d accumulation x %d ranks), "
+                 "epoch = %d samples, %d data workers per rank", self.step, self.max_steps, self.global_batch,
+                 "packed rows" if self.pack_mode else "samples", cfg.batch_size, cfg.grad_accum, self.world,
+                 self.epoch_samples, cfg.num_workers)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         batches = iter(loader)
         window = _new_window()
         dropped: dict = {}
         last_loss = None
+        unwrapped = acc.unwrap_model(self.model)
+        no_sync = acc.no_sync if self.world > 1 else None
         self.model.train()
         try:
             while self.step < self.max_steps:
-                step_loss = torch.zeros((), device=acc.device)
-                for micro in range(cfg.grad_accum):
-                    batch = next(batches)
+                waiting = time.perf_counter()
+                micro = [next(batches) for _ in range(cfg.grad_accum)]
+                window["wait"] += time.perf_counter() - waiting
+                inputs, tokens = [], 0
+                for batch in micro:
                     meta = batch.pop("_meta")
-                    self.positions[meta["_worker"][-1]] = meta["_position"][-1] + 1
+                    self.states[meta["worker"]] = meta["state"]
                     self.batches += 1
-                    dropped = meta["_dropped"][-1]
-                    window["tokens"] += int(batch["attention_mask"].sum())
-                    window["samples"] += len(batch["input_ids"])
-                    window["parts"].update(meta["_part"])
-                    batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    sync = micro == cfg.grad_accum - 1
-                    with (acc.no_sync(self.model) if not sync else contextlib.nullcontext()):
-                        loss = self.model(**batch).loss
-                        acc.backward(loss / cfg.grad_accum)
-                    step_loss += loss.detach().float() / cfg.grad_accum  # no .item(): no GPU sync per step
+                    dropped = meta["dropped"]
+                    window["tokens"] += meta["tokens"]
+                    window["samples"] += len(meta["parts"])
+                    window["parts"].update(meta["parts"])
+                    tokens += label_tokens(batch["labels"])
+                    batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v
+                             for k, v in batch.items()}
+                    inputs.append(model_inputs(batch, unwrapped, self.pack_mode))
+                total = tokens
+                if self.world > 1:  # the step's label tokens on all ranks
+                    total = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
+                window["label_tokens"] += tokens
+                step_loss = token_weighted_backward(self.model, inputs, total, world=self.world,
+                                                    backward=acc.backward, no_sync=no_sync)
                 if cfg.max_grad_norm:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 lr = self.scheduler.get_last_lr()[0]
@@ -406,7 +449,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.max_steps:
                     self._log(window, lr, dropped, writer, metrics)
                     window = _new_window()
-                if self.step % cfg.save_every == 0 or self.step == self.max_steps:
+                if self.write_outputs and (self.step % cfg.save_every == 0 or self.step == self.max_steps):
                     saving = time.perf_counter()
                     self._save_checkpoint()
                     window["start"] += time.perf_counter() - saving  # rates count training time only
@@ -415,28 +458,40 @@ class Trainer:
                 writer.close()
             if metrics:
                 metrics.close()
-        self._export()
+        if self.write_outputs:
+            self._export()
+        if last_loss is not None and self.world > 1:
+            last_loss = acc.reduce(last_loss, reduction="sum")
         return {"step": self.step, "max_steps": self.max_steps, "output": str(self.out),
                 "last_loss": float(last_loss) if last_loss is not None else None}
+
+    def _flatten(self) -> bool:
+        """Packed micro-batches as one row when flash-attention runs them varlen."""
+        return bool(self.pack_mode) and "flash" in self.attention
 
     def _log(self, window: dict, lr: float, dropped: dict, writer, metrics) -> None:
         acc = self.accelerator
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
+        # loss: each rank holds its share of every step's mean token loss; the shares add up.
         totals = torch.stack([torch.as_tensor(window["loss"], dtype=torch.float64, device=acc.device) / window["steps"],
                               torch.tensor(float(window["tokens"]), dtype=torch.float64, device=acc.device),
-                              torch.tensor(float(window["samples"]), dtype=torch.float64, device=acc.device)])
+                              torch.tensor(float(window["samples"]), dtype=torch.float64, device=acc.device),
+                              torch.tensor(float(window["label_tokens"]), dtype=torch.float64, device=acc.device),
+                              torch.tensor(window["wait"], dtype=torch.float64, device=acc.device)])
         totals = acc.reduce(totals, reduction="sum")
-        row = {"step": self.step, "loss": float(totals[0]) / self.world, "lr": lr,
+        row = {"step": self.step, "loss": float(totals[0]), "lr": lr, "seconds": elapsed, "tokens": int(totals[1]),
                "tokens_per_s": float(totals[1]) / elapsed, "samples_per_s": float(totals[2]) / elapsed,
+               "label_tokens": int(totals[3]),
+               "data_wait": min(1.0, float(totals[4]) / self.world / elapsed),
                "epoch": self.step * self.global_batch / self.epoch_samples,
                "parts": dict(window["parts"]), "dropped": dropped}
         if torch.cuda.is_available():
             row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if self.is_main:
-            log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f samples/s %.2f epoch %.2f",
+            log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f samples/s %.2f epoch %.2f data wait %.0f%% of step time",
                      self.step, self.max_steps, row["loss"], lr, row["tokens_per_s"], row["samples_per_s"],
-                     row["epoch"])
-            for key in ("loss", "lr", "tokens_per_s", "samples_per_s", "epoch"):
+                     row["epoch"], 100 * row["data_wait"])
+            for key in ("loss", "lr", "tokens_per_s", "samples_per_s", "epoch", "data_wait"):
                 writer.add_scalar(f"train/{key}", row[key], self.step)
             writer.flush()
             metrics.write(json.dumps(row) + "\n")
@@ -462,5 +517,7 @@ class Trainer:
 
 
 def _new_window() -> dict:
-    """Sums over the steps between two log lines (parts: samples per part on this rank)."""
-    return {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "parts": Counter(), "start": time.perf_counter()}
+    """Sums over the steps between two log lines (parts: samples per part on this rank; wait:
+    seconds the loop waited for the DataLoader)."""
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "label_tokens": 0, "wait": 0.0,
+            "parts": Counter(), "start": time.perf_counter()}
