@@ -29,7 +29,8 @@ PREDICTIONS_FILE = "dialogue_predictions.jsonl"
 PROMPT_VERSION = model.PROMPT_VERSION + "+dialogue"
 DEFAULT_MAX_CORRECTIONS = 2
 # Metrics whose change from the first guess is the "gain" (median km: negative = better).
-GAIN_KEYS = ([f"{level}_accuracy" for level in LEVELS] + [threshold_key(km) for km in THRESHOLDS_KM]
+GAIN_KEYS = ([f"{level}_accuracy" for level in LEVELS] + [f"geo_{level}_accuracy" for level in LEVELS]
+             + [threshold_key(km) for km in THRESHOLDS_KM]
              + ["geoscore", "median_km"])
 
 
