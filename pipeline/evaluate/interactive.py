@@ -1,4 +1,6 @@
-"""Interactive evaluation on the Dialogue test split: does the model get closer when told it is wrong?
+"""Replay evaluation (`eval --interactive --user replay`) on the Dialogue test split: the recorded
+user turns fed after the model's own answers. The default interactive evaluation is the simulated
+user of pipeline.evaluate.simulated, whose turns answer the evaluated model's guesses.
 
 For every dialogue sample the model answers the sample's opening question (stage 0, the first
 guess); then the sample's own next user turn (a hint, a correction, a choice ...) is appended after
