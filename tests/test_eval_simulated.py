@@ -186,3 +186,27 @@ def test_rounds_per_mode_and_gain_over_round_zero(user, records):
     assert by_mode["correction"]["gains"]["after_1"]["median_km"] == 0.0
     assert by_mode["correction"]["gains"]["after_2"]["median_km"] < 0
     assert "first guess" in curves and "choice, after 2" in curves
+
+
+def test_cli_interactive_on_the_corpus_test_split_runs_the_simulated_user(tmp_path):
+    """`eval --out OUT --interactive`: meta/test shards, every mode, turns answering the guesses."""
+    from fake_openai_server import FakeOpenAIServer
+    from test_eval import _cli, _record, PLACES
+
+    from pipeline.writer import shard_path, write_shard
+
+    out = tmp_path / "out"
+    write_shard(str(out), shard_path(str(out), "meta", "test", 0), [_record(p) for p in PLACES], "meta")
+    madrid = {"country": "Spain", "region": "Madrid", "city": "Madrid", "lat": 40.4165, "lon": -3.70256,
+              "confidence": 0.3, "reasoning": "Dry plains."}
+    with FakeOpenAIServer(lambda seen, body: madrid) as server:
+        assert _cli(["eval", "--out", str(out), "--interactive", "--modes", "correction,choice",
+                     "--max-corrections", "1", "--lvlm-endpoint", server.base_url]) == 0
+        assert server.count == len(PLACES) * (1 + 2)         # first guesses, then one round per mode
+    report_dir = out / "eval" / "meta-test"
+    report = json.loads((report_dir / "metrics.json").read_text())
+    assert report["kind"] == "simulated" and list(report["by_mode"]) == ["correction", "choice"]
+    assert report["by_mode"]["choice"]["stages"]["after_1"]["samples"] == len(PLACES)
+    turns = [json.loads(line) for line in (report_dir / "simulated_turns.jsonl").open()]
+    assert len(turns) == 2 * len(PLACES) and all("Spain" in t["text"] for t in turns)
+    assert "# Interactive evaluation with a simulated user" in (report_dir / "metrics.md").read_text()
