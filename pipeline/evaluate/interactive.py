@@ -1,4 +1,6 @@
-"""Interactive evaluation on the Dialogue test split: does the model get closer when told it is wrong?
+"""Replay evaluation (`eval --interactive --user replay`) on the Dialogue test split: the recorded
+user turns fed after the model's own answers. The default interactive evaluation is the simulated
+user of pipeline.evaluate.simulated, whose turns answer the evaluated model's guesses.
 
 For every dialogue sample the model answers the sample's opening question (stage 0, the first
 guess); then the sample's own next user turn (a hint, a correction, a choice ...) is appended after
@@ -29,7 +31,8 @@ PREDICTIONS_FILE = "dialogue_predictions.jsonl"
 PROMPT_VERSION = model.PROMPT_VERSION + "+dialogue"
 DEFAULT_MAX_CORRECTIONS = 2
 # Metrics whose change from the first guess is the "gain" (median km: negative = better).
-GAIN_KEYS = ([f"{level}_accuracy" for level in LEVELS] + [threshold_key(km) for km in THRESHOLDS_KM]
+GAIN_KEYS = ([f"{level}_accuracy" for level in LEVELS] + [f"geo_{level}_accuracy" for level in LEVELS]
+             + [threshold_key(km) for km in THRESHOLDS_KM]
              + ["geoscore", "median_km"])
 
 

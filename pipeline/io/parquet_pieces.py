@@ -7,17 +7,17 @@ sees half of one.
 """
 from __future__ import annotations
 
-import uuid
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+
+from pipeline.io.outdir import atomic_write
 
 
 def write_rows(path: str, rows: list[dict], schema: pa.Schema) -> str:
     """Rows -> one parquet file at `path`, written under a temporary name and renamed."""
     table = pa.Table.from_pylist(rows, schema=schema)
-    _write_atomically(path, lambda stream: pq.write_table(table, stream))
+    atomic_write(path, lambda stream: pq.write_table(table, stream))
     return path
 
 
@@ -34,21 +34,5 @@ def merge_files(pieces: list[str], path: str, schema: pa.Schema) -> str:
             if not pieces:
                 parquet.write_table(schema.empty_table())
 
-    _write_atomically(path, write)
+    atomic_write(path, write)
     return path
-
-
-def _write_atomically(path: str, write) -> None:
-    """write(stream) into a temporary name beside `path`, then rename: no reader sees half a file.
-    (FileSystems.create makes a local parent directory; object stores have none to make.)"""
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    try:
-        with FileSystems.create(tmp) as stream:
-            write(stream)
-    except BaseException:
-        if FileSystems.exists(tmp):
-            FileSystems.delete([tmp])
-        raise
-    if FileSystems.exists(path):
-        FileSystems.delete([path])  # a retried bundle rewrites its piece: same rows, same name
-    FileSystems.rename([tmp], [path])

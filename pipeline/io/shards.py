@@ -12,13 +12,13 @@ torch.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Iterable
 
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.core.record import SAFE_KEY, Record
-from pipeline.io.shard_limits import ShardLimits  # noqa: F401 - writer.ShardLimits, as before
+from pipeline.io import outdir
+from pipeline.io.shard_limits import ShardLimits  # noqa: F401 - shards.ShardLimits for callers
 from pipeline.io.stash import jpeg_of
 from pipeline.io.tar_writer import ShardTarWriter
 
@@ -78,16 +78,6 @@ def shard_path(out: str, part: str, split: str, number: int) -> str:
     return FileSystems.join(out, part, split, f"{part}-{split}-{number:06d}.tar")
 
 
-def _ensure_parent(path: str) -> None:
-    parent = path.rsplit("/", 1)[0]
-    if not FileSystems.exists(parent):
-        try:
-            FileSystems.mkdirs(parent)  # local directories; object stores have no directories
-        except OSError:
-            if not FileSystems.exists(parent):
-                raise
-
-
 def write_shard(out: str, path: str, records: list[Record], part: str,
                 fail_after: int | None = None) -> dict | None:
     """Write one complete shard of whole records (or thin copies) to `path`; returns its stats
@@ -104,33 +94,28 @@ def write_samples(out: str, path: str, samples: Iterable[tuple[str, bytes, bytes
     Samples are consumed one at a time, so a caller can make each from its stash as it is
     written and a shard's pixels never sit in memory together. `fail_after` exists for the crash
     test: raise after that many samples, like a worker dying."""
-    tmp = FileSystems.join(out, "_tmp", f"{uuid.uuid4().hex}.tar.partial")
     total, keys = 0, []
-    try:
-        with FileSystems.create(tmp) as stream:
-            writer = ShardTarWriter(stream, mtime=0)  # what webdataset.TarWriter writes, without torch
-            try:
-                for key, jpg, body in samples:
-                    if fail_after is not None and len(keys) >= fail_after:
-                        raise RuntimeError(f"injected writer failure after {fail_after} samples")
-                    if not SAFE_KEY.match(key):
-                        raise ValueError(f"unsafe key {key!r} reached the writer")
-                    total += writer.write({"__key__": key, "jpg": jpg, "json": body})
-                    keys.append(key)
-            finally:
-                writer.close()  # on failure too: the temporary file is deleted below anyway
-    except BaseException:
-        if FileSystems.exists(tmp):
-            FileSystems.delete([tmp])
-        raise
+
+    def write(stream):
+        nonlocal total
+        writer = ShardTarWriter(stream, mtime=0)  # what webdataset.TarWriter writes, without torch
+        try:
+            for key, jpg, body in samples:
+                if fail_after is not None and len(keys) >= fail_after:
+                    raise RuntimeError(f"injected writer failure after {fail_after} samples")
+                if not SAFE_KEY.match(key):
+                    raise ValueError(f"unsafe key {key!r} reached the writer")
+                total += writer.write({"__key__": key, "jpg": jpg, "json": body})
+                keys.append(key)
+        finally:
+            writer.close()  # on failure too: atomic_write deletes the temporary file
+
+    # The temporary file lies in OUT/_tmp: a crash leaves nothing half-written in the part folders.
+    outdir.atomic_write(path, write, tmp_dir=outdir.join(out, "_tmp"))
     if not keys:
-        FileSystems.delete([tmp])
+        FileSystems.delete([path])  # every sample was refused: no shard
         return None
-    _ensure_parent(path)
-    FileSystems.rename([tmp], [path])
     stats = {"shard": path.rsplit("/", 1)[-1], "part": part, "samples": len(keys), "bytes": total,
              "first_key": keys[0], "last_key": keys[-1]}
-    marker = path[: -len(".tar")] + "_stats.json"
-    with FileSystems.create(marker) as stream:
-        stream.write(json.dumps(stats, indent=1, sort_keys=True).encode())
+    outdir.write_text(path[: -len(".tar")] + "_stats.json", json.dumps(stats, indent=1, sort_keys=True))
     return stats

