@@ -164,8 +164,7 @@ def build_pipeline(p: beam.Pipeline, config, sources: list[Source]):
 
     # Counted from a tagged output of the source, not from a Flatten of records and rejections:
     # that Flatten shipped every whole record (a wds: record holds its image) to the runner, and
-    # Beam's local runner with 2 workers lost some of it (a 20k-photo wds: build counted 13,695-
-    # 19,821 inputs; the conservation check caught it). bench/RESULTS.md has the details.
+    # Beam's local runner with 2 workers was seen to lose some (bench/repro_beam_flatten_loss.py).
     inputs = (read[SOURCE_INPUTS]
               | "CountInputs" >> beam.CombineGlobally(SumCounts()).without_defaults()
               | "WriteInputs" >> beam.Map(outdir.write_counts, config.out, outdir.INPUTS_FILE))

@@ -21,9 +21,8 @@ log = logging.getLogger(__name__)
 
 class BundleCounts:
     """Counters of one namespace summed in the worker and handed to Beam once per bundle
-    (`flush()` in finish_bundle, when Beam reports the bundle's metrics anyway): an inc per
-    element and counter was ~4% of a worker's time on the 20k build. Fractions (micros summed
-    as floats) carry over to the next bundle."""
+    (`flush()` in finish_bundle, when Beam reports the bundle's metrics anyway) instead of an
+    inc per element and counter. Fractions (micros summed as floats) carry over to the next bundle."""
 
     def __init__(self, namespace: str):
         self.ns = namespace
@@ -121,7 +120,7 @@ class _StagesDoFn(beam.DoFn):
     def _run(self, first: int, records: list, flush: bool):
         """Outputs of `records` entering stage `first`, yielded as each is done: after a batched
         stage its records go on one at a time, so the stages after it never hold a whole batch
-        of changed records (a batch of photos with their new JPEGs: ~60 MB more at the peak).
+        of changed records (a batch of photos with their new JPEGs).
         A batched stage holds records until it has a batch, or runs what it holds if `flush`
         (for stage `first` only: later ones keep theirs for finish_bundle to flush in order)."""
         for i in range(first, len(self.stages)):

@@ -281,9 +281,8 @@ def dedupe_records(records: Iterable[Record], radius: int = DEFAULT_RADIUS
 
 
 # The group-by moves shards of groups, packed, not one element per group entry: every image
-# joins radius+1 band groups and its sha256 group, so 20k records made 120k entries in ~44k
-# groups; the local runner held each entry as a Python object until the group-by was read
-# (~20 MiB at 20k, the build's peak) and Beam encoded each entry on its own. A group's shard is
+# joins radius+1 band groups and its sha256 group, and a runner holding and encoding each entry
+# on its own was the build's memory peak (bench/bench_memory.py). A group's shard is
 # a few bits of its hash; a worker appends the members it makes to one byte string per shard and
 # hands those over once per bundle (or when one grows past SHARD_FLUSH_BYTES), so the group-by
 # holds a few hundred byte strings. The shard step splits them into the groups again.

@@ -10,9 +10,8 @@ parts present. `unstash` gives the whole record back, with the decisions taken s
 The directory goes with OUT/_tmp when the build ends.
 
 The build stashes through `BundleStash`: one file per bundle, records appended to it, the thin
-copy's stash_ref naming "FILE#OFFSET:LENGTH". A file per record cost ~0.3-0.4 ms each to create
-(more than pickling the record) and as much again to delete when the build ended; appending costs
-~0.03 ms. Readers only come after a shuffle or a side input, when the bundle (and its file) is
+copy's stash_ref naming "FILE#OFFSET:LENGTH": a file per record cost more to create and delete
+than pickling the record, appending costs a tenth of that. Readers only come after a shuffle or a side input, when the bundle (and its file) is
 complete; a retried bundle writes a new file, and the thin copies of the failed attempt are
 discarded with it. `stash()` writes one file per record, for a whole record that reaches the
 writer unstashed (a library caller's).
@@ -128,8 +127,8 @@ def _read(stream, span: str, split: str | None) -> Record:
 
 class StashReader:
     """`load` for many records, each bundle file opened once: the writer reads a shard's ~250
-    records from a handful of bundle files, and opening one for each record (Beam's
-    FileSystems.open) was ~5% of the writer step. Close it when done (a context manager)."""
+    records from a handful of bundle files instead of opening one for each record. Close it when
+    done (a context manager)."""
 
     def __init__(self):
         self.streams: dict = {}

@@ -244,9 +244,9 @@ class OpenAIBackend(LvlmBackend):
                 try:
                     # The client's generic post() rather than chat.completions.create(): the
                     # typed call walks every message through its TypedDict transform and builds
-                    # pydantic models of the answer, ~0.6 ms of CPU per request (a quarter of
-                    # the client's cost; the event loop's CPU is what bounds the request rate,
-                    # see bench/bench_lvlm_client.py). Same client, auth, timeouts, exceptions.
+                    # pydantic models of the answer, a quarter of the client's CPU, and the event
+                    # loop's CPU bounds the request rate (bench/bench_lvlm_client.py). Same
+                    # client, auth, timeouts, exceptions.
                     response = await self._client.post("/chat/completions", cast_to=object, body=body)
                     self._stats.latency((time.perf_counter() - started) * 1000)
                     answer = _read_completion(response)

@@ -40,8 +40,8 @@ def _first_part(report: dict, manifest_parts: list[str]) -> str | None:
 @functools.lru_cache(maxsize=1)
 def country_outlines() -> list:
     """Simplified Natural Earth country borders as (N, 2) lon/lat arrays: from the geocoder's own
-    polygons, not a second read of the shapefile, and kept in the geo cache (simplifying ~550k
-    vertices took ~0.8 s of every build's plots)."""
+    polygons, not a second read of the shapefile, and kept in the geo cache (simplifying every
+    vertex again would cost each build's plots most of their time)."""
     import shapely
 
     from pipeline.geo import cache
@@ -87,8 +87,7 @@ def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    # "tight": one layout pass per draw; "constrained" looked the same here and cost ~0.2 s more
-    # per build (its solver, imported and run on every figure).
+    # "tight": one layout pass per draw; "constrained" looks the same and runs a solver per figure.
     fig = Figure(figsize=(width, height), dpi=DPI, layout="tight")
     FigureCanvasAgg(fig)
     return fig

@@ -101,11 +101,8 @@ def phash_reduction(size: tuple[int, int]) -> int:
 
 def perceptual_hash(pixels: Image.Image) -> str:
     """imagehash.phash after a box reduction by phash_reduction: LANCZOS from the full picture to
-    32x32 was a quarter of the image stage's time (profiled), and the DCT only keeps the lowest
-    frequencies, which the reduction does not touch. (On the shared photos and 300 generated ones,
-    a 1/2^k scaled JPEG decode and a full decode reduced by 2^k hash at most 2 bits apart; on 800
-    generated photos, a 1/2^k luma-only decode and a full RGB decode reduced by 2^k: 89% equal,
-    the rest 2 bits apart.)"""
+    32x32 is costly, and the DCT only keeps the lowest frequencies, which the reduction does not
+    touch (a scaled decode and a full one hash at most 2 bits apart: tests/test_image.py)."""
     factor = phash_reduction(pixels.size)
     small = pixels.reduce(factor) if factor > 1 else pixels
     return str(imagehash.phash(small))
@@ -186,7 +183,7 @@ class ImageStage(Stage):
             factor = phash_reduction(copy.size)
             # DCT-domain scaling to 1/factor, and only the luma plane (phash converts to L
             # anyway): every coded byte is still read and checked, but no chroma is upsampled
-            # or converted. 0.82-0.88 -> 0.66-0.69 ms a decode, phash 0.20 -> 0.15 ms.
+            # or converted.
             copy.draft("L", (-(-copy.width // factor), -(-copy.height // factor)))
             copy.load()
         except Exception:  # noqa: BLE001 - the re-encoding path decodes again and gives the reason

@@ -28,7 +28,7 @@ APP0, APP14, COM = 0xE0, 0xEE, 0xFE
 RESTARTS = frozenset(range(0xD0, 0xD8))
 # In entropy-coded data FF is followed by 00 (a stuffed data byte), a restart marker D0-D7, or FF
 # (fill before a marker); the first FF followed by anything else is the marker that ends the scan.
-# One regex search in C: walking every FF in Python cost 0.2 ms per photo (profiled).
+# One regex search in C instead of walking every FF in Python.
 _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 # IJG's luminance quantisation table at quality 50 (Annex K.1, natural order, as Pillow's
