@@ -44,3 +44,17 @@ def tmp_images(tmp_path: Path):
         path.write_bytes(data)
         return path
     return write
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random tiny LLaVA built from a config (tests/tiny_vlm.py), saved to a folder."""
+    from tiny_vlm import build_tiny_vlm
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Tiny shards of every part (tests/tiny_corpus.py): 8 samples, 4 per shard."""
+    from tiny_corpus import write_tiny_corpus
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"), samples=8, per_shard=4)

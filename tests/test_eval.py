@@ -1,7 +1,6 @@
 """`mg-geo eval`: predictions/ground-truth files, model runs over shards (single and dialogue), reports."""
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 from fake_openai_server import FakeOpenAIServer
 
-from pipeline.commands import eval as eval_command
+from pipeline.cli import main as _cli  # `mg-geo ARGS` in this process
 from pipeline.evaluate.interactive import dialogue_mode, follow_ups, predict_dialogues, score_dialogues
 from pipeline.evaluate.predictions import (GroundTruth, GroundTruthError, Prediction, read_ground_truth,
                                            read_predictions, write_ground_truth, write_predictions)
@@ -414,11 +413,3 @@ def test_cli_reports_bad_inputs(tmp_path, capsys):
     assert _cli(["eval", "--predictions", str(tmp_path / "nope.jsonl"), "--ground-truth", str(tmp_path / "x.csv")]) == 2
     assert _cli(["eval", "--out", str(tmp_path / "empty"), "--lvlm-endpoint", "http://127.0.0.1:9/v1"]) == 2
     assert "no shards found" in capsys.readouterr().err
-
-
-def _cli(argv) -> int:
-    parser = argparse.ArgumentParser(prog="mg-geo")
-    sub = parser.add_subparsers(dest="command", required=True)
-    eval_command.register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)

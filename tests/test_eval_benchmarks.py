@@ -1,13 +1,12 @@
 """Benchmark readers on made files of each benchmark's layout, and metrics from predicted coordinates."""
 from __future__ import annotations
 
-import argparse
 import math
 
 import pytest
 from PIL import Image
 
-from pipeline.commands import eval as eval_command
+from pipeline.cli import main as _cli  # `mg-geo ARGS` in this process
 from pipeline.evaluate.benchmarks import BenchmarkError, load_benchmark
 from pipeline.evaluate.metrics import MAX_ERROR_KM, by_continent, geoscore, haversine_km, score_all, summarize
 from pipeline.evaluate.predictions import GroundTruth, Prediction
@@ -16,14 +15,6 @@ from pipeline.evaluate.predictions import GroundTruth, Prediction
 def _image(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (32, 24), (10, 120, 200)).save(path, format="JPEG")
-
-
-def _cli(argv) -> int:
-    parser = argparse.ArgumentParser(prog="mg-geo")
-    sub = parser.add_subparsers(dest="command", required=True)
-    eval_command.register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 # ---- readers ---------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ OpenAI-compatible server, `mg-geo eval --benchmark` once single-guess and once w
 user, into one report folder whose metrics.md holds both of the paper's tables."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 
@@ -11,21 +10,13 @@ import pytest
 from fake_openai_server import FakeOpenAIServer
 
 from pipeline.evaluate.assistant import load_photo
-from pipeline.commands import eval as eval_command
+from pipeline.cli import main as _cli  # `mg-geo ARGS` in this process
 from pipeline.geo.polygons import countries_by_code
 from pipeline.lvlm.types import LvlmRequest
 from pipeline.io.sample_set import write_samples
 
 N = 200
 MADRID = {"country": "Spain", "region": "Madrid", "city": "Madrid", "lat": 40.4165, "lon": -3.70256}
-
-
-def _cli(argv) -> int:
-    parser = argparse.ArgumentParser(prog="mg-geo")
-    sub = parser.add_subparsers(dest="command", required=True)
-    eval_command.register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,7 @@ from pipeline.train.collate import IGNORE_INDEX, ChatEncoder, pad_collate  # noq
 from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.data import MixedShardStream, count_samples, default_epoch_samples, find_shards  # noqa: E402
 from tiny_corpus import write_tiny_corpus  # noqa: E402
-from tiny_vlm import CHAT_TEMPLATE, build_tiny_vlm  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"), samples=8, per_shard=4)
+from tiny_vlm import CHAT_TEMPLATE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,6 @@ from pipeline.train.collate import IGNORE_INDEX, ChatEncoder, pack_collate, pad_
 from pipeline.train.data import MixedShardStream, find_shards  # noqa: E402
 from pipeline.train.step import (label_tokens, model_inputs, packing_mode,  # noqa: E402
                                  token_weighted_backward)
-from tiny_corpus import write_tiny_corpus  # noqa: E402
-from tiny_vlm import build_tiny_vlm  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"), samples=8, per_shard=4)
 
 
 @pytest.fixture(scope="module")

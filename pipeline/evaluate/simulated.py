@@ -36,7 +36,7 @@ from typing import Iterable, Optional
 from pipeline.evaluate import model
 from pipeline.evaluate.interactive import _group, stage_name  # noqa: F401  (stage_name: re-exported)
 from pipeline.evaluate.predictions import GroundTruth, Prediction, PredictionFile, prediction_line, write_ground_truth
-from pipeline.evaluate.single import FileChecks, GROUND_TRUTH_FILE
+from pipeline.evaluate.single import GROUND_TRUTH_FILE, index_predictions
 from pipeline.lvlm.types import LvlmBackend, LvlmResult
 from pipeline.core.record import Record
 from pipeline.stages.user_turns import UserTurn, clue_hint, plan_user_turn
@@ -229,17 +229,11 @@ def is_simulated(pred_file: PredictionFile) -> bool:
 def score_simulated(truths: list[GroundTruth], pred_file: PredictionFile, inputs: dict) -> tuple[dict, dict]:
     """The report (accuracy per mode and round, gain over round 0) and CDF curves per mode's last
     round and the first guess."""
-    truth_ids = {t.id for t in truths}
-    checks = FileChecks(unreadable_rows=pred_file.unreadable_rows)
+    indexed, checks = index_predictions(pred_file, {t.id for t in truths},
+                                        key=lambda pred: (pred.mode or "none", pred.id, pred.stage))
     tables: dict[str, dict] = {}
-    for pred in pred_file.predictions:
-        table = tables.setdefault(pred.mode or "none", {})
-        if pred.id not in truth_ids:
-            checks.unknown_ids += 1
-        elif (pred.id, pred.stage) in table:
-            checks.duplicate_rows += 1
-        else:
-            table[(pred.id, pred.stage)] = pred
+    for (mode, pred_id, stage), pred in indexed.items():
+        tables.setdefault(mode, {})[(pred_id, stage)] = pred
     by_mode, curves = {}, {}
     for mode in sorted(tables, key=lambda m: (MODES.index(m) if m in MODES else len(MODES), m)):
         stages = sorted({stage for _, stage in tables[mode]} | {0})

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 from pipeline.evaluate import model
 from pipeline.evaluate.metrics import by_continent, error_distances, score_all, summarize
-from pipeline.evaluate.predictions import (GroundTruth, Prediction, PredictionFile, prediction_line,
+from pipeline.evaluate.predictions import (GroundTruth, PredictionFile, prediction_line,
                                            truth_from_sample, write_ground_truth)
 from pipeline.evaluate.shards import ShardSample
 from pipeline.lvlm.types import LvlmBackend
@@ -33,17 +33,19 @@ class FileChecks:
         return dict(self.__dict__)
 
 
-def index_predictions(pred_file: PredictionFile, truth_ids: set[str]) -> tuple[dict, FileChecks]:
-    """(id, stage) -> first Prediction for it, and what was odd about the file."""
+def index_predictions(pred_file: PredictionFile, truth_ids: set[str],
+                      key=lambda pred: (pred.id, pred.stage)) -> tuple[dict, FileChecks]:
+    """key(prediction) (default (id, stage)) -> the first Prediction with it, and what was odd
+    about the file."""
     checks = FileChecks(unreadable_rows=pred_file.unreadable_rows)
-    table: dict[tuple[str, int], Prediction] = {}
+    table: dict = {}
     for pred in pred_file.predictions:
         if pred.id not in truth_ids:
             checks.unknown_ids += 1
-        elif (pred.id, pred.stage) in table:
+        elif key(pred) in table:
             checks.duplicate_rows += 1
         else:
-            table[(pred.id, pred.stage)] = pred
+            table[key(pred)] = pred
     return table, checks
 
 
