@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from pipeline import cli  # noqa: E402
+from train_helpers import metrics as _metrics, train as _train  # noqa: E402
 from pipeline.train.collate import IGNORE_INDEX, ChatEncoder, pad_collate  # noqa: E402
 from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.data import MixedShardStream, count_samples, default_epoch_samples, find_shards  # noqa: E402
@@ -203,17 +203,6 @@ def _take(iterator, n):
 
 
 # -- training ----------------------------------------------------------------------------------
-
-def _train(tiny_model, corpus, output, *extra) -> int:
-    argv = ["train", "--data", str(corpus), "--output", str(output), "--model", str(tiny_model),
-            "--batch-size", "2", "--num-workers", "0", "--log-every", "1", "--shuffle-buffer", "4",
-            "--lr", "2e-3", "--warmup-ratio", "0", *extra]
-    return cli.main(argv)
-
-
-def _metrics(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-
 
 def _state(path: Path) -> dict:
     from transformers import AutoModelForImageTextToText

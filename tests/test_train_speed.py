@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from pipeline import cli  # noqa: E402
+from train_helpers import metrics as _metrics, train as _train  # noqa: E402
 from pipeline.train.collate import IGNORE_INDEX, ChatEncoder, pack_collate, pad_collate  # noqa: E402
 from pipeline.train.data import MixedShardStream, find_shards  # noqa: E402
 from pipeline.train.step import (label_tokens, model_inputs, packing_mode,  # noqa: E402
@@ -213,17 +214,6 @@ def test_a_resumed_stream_seeks_and_continues_the_same_batches(corpus, encoder):
 
 
 # -- end to end ------------------------------------------------------------------------------------
-
-def _train(tiny_model, corpus, output, *extra) -> int:
-    argv = ["train", "--data", str(corpus), "--output", str(output), "--model", str(tiny_model),
-            "--batch-size", "2", "--num-workers", "0", "--log-every", "1", "--shuffle-buffer", "4",
-            "--lr", "2e-3", "--warmup-ratio", "0", *extra]
-    return cli.main(argv)
-
-
-def _metrics(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-
 
 def test_step_loss_is_the_same_for_any_micro_batch_split(tiny_model, corpus, tmp_path):
     losses = []
