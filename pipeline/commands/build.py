@@ -65,6 +65,8 @@ def register(sub) -> None:
     p.add_argument("--lat-column", help="table/wds: latitude column (auto: lat, latitude)")
     p.add_argument("--lon-column", help="table/wds: longitude column (auto: lon, lng, longitude)")
     p.add_argument("--id-column", help="table: id column (auto: id, key, image_id)")
+    p.add_argument("--encoding", help="table: text encoding of csv/tsv/jsonl tables (default utf-8); a row "
+                   "that does not decode is a ledger row (row_encoding)")
     g = p.add_argument_group("URL tables (img2dataset; the `download` extra)")
     g.add_argument("--download", action="store_true",
                    help="fetch the images of every table: source (as `mg-geo download` does) into "
@@ -87,7 +89,7 @@ def register(sub) -> None:
 def config_from_args(args):
     from pipeline.beam.run import BuildConfig
 
-    source_options = {k: getattr(args, k) for k in ("image_column", "lat_column", "lon_column", "id_column")
+    source_options = {k: getattr(args, k) for k in ("image_column", "lat_column", "lon_column", "id_column", "encoding")
                       if getattr(args, k, None)}
     return BuildConfig(
         sources=args.source, out=args.out.rstrip("/") or "/", parts=args.parts, max_side=args.max_side,
