@@ -71,7 +71,8 @@ def test_the_build_leaves_only_its_outputs(built):
     _, out, _ = built
     # _tmp held the stash (every clean JPEG once more) and _work the counts; both go at the end,
     # the stash while the plots are drawn (outdir.cleaning_tmp).
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "manifest.parquet", "meta", "plots",
+    # .mg-geo marks OUT as made by mg-geo (a rerun may replace it); the lock is gone.
+    assert sorted(p.name for p in out.iterdir()) == [".mg-geo", "README.md", "manifest.parquet", "meta", "plots",
                                                       "rejected.parquet", "report.json"]
 
 

@@ -300,6 +300,22 @@ class TableSource(Source):
                               f"{type(exc).__name__}: {exc}") from exc
         self.columns(names)
 
+    def is_url_table(self, rows: int = 100) -> bool:
+        """Whether the table's images are URLs: every non-empty image cell of its first `rows`
+        rows is one (`mg-geo build` then downloads it by default). A mixed table is not."""
+        seen = 0
+        with open_table(self.location, self._format(), self._encoding()) as (names, parsed):
+            column = self.columns(names).image
+            for row in parsed:
+                image = "" if isinstance(row, BadRow) else row.get(column, "").strip()
+                if image:
+                    if not is_url(image):
+                        return False
+                    seen += 1
+                    if seen >= rows:
+                        break
+        return seen > 0
+
     def units(self):
         # One unit per table: rows are cheap (a path and two numbers); the work they cause is
         # spread by the stages after the source. Row-range units would need a table-wide view of
