@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -463,3 +464,46 @@ def test_a_bad_byte_in_the_header_or_a_bad_encoding_stops_the_run(tmp_path):
     jsonl = tmp_path / "t.jsonl"
     jsonl.write_bytes(b'{"image": "a.jpg", "lat": 1, "lon": 2}\n{"image": "caf\xe9.jpg", "lat": 1, "lon": 2}\n')
     assert [j.reason if j else None for _, j in collect(parse_source(f"table:{jsonl}"))] == [None, "row_encoding"]
+
+
+# ---------------------------------------------------------------- issue 17: no silent skip in folders
+
+
+def test_every_file_named_like_a_photo_is_an_input(tmp_path):
+    """Before, exif:DIR ignored .heic/.heif/.avif/.gif files, dangling and looping symlinks and
+    symlinked folders without a word."""
+    from PIL import Image
+
+    root, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(GPS / "DSCN0010.jpg", root / "a.jpg")
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(root / "b.gif")
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(root / "c.AVIF", "AVIF")
+    (root / "d.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (root / "e.HEIF").write_bytes(b"\x00\x00\x00\x18ftypmif1")
+    (root / "gone.jpg").symlink_to(tmp_path / "nothing.jpg")
+    (root / "loop.jpg").symlink_to(root / "loop.jpg")
+    shutil.copy(GPS / "DSCN0012.jpg", elsewhere / "f.jpg")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "linked" / "up").symlink_to(root, target_is_directory=True)  # a loop back: walked once
+    (root / "notes.txt").write_text("not a photo, not an input")
+    got = {r.input_id: (j.reason if j else None) for r, j in collect(parse_source(f"exif:{root}"))}
+    assert got == {"a.jpg": None, "b.gif": None, "c.AVIF": None, "d.heic": "unsupported_format",
+                   "e.HEIF": "unsupported_format", "gone.jpg": "broken_symlink", "loop.jpg": "symlink_loop",
+                   "linked/f.jpg": None}
+    details = {r.input_id: j.detail for r, j in collect(parse_source(f"exif:{root}")) if j}
+    assert details["d.heic"].startswith("HEIC") and details["e.HEIF"].startswith("HEIF")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists every folder: no unreadable one can be made")
+def test_an_unreadable_folder_is_a_ledger_row(tmp_path):
+    root = tmp_path / "photos"
+    (root / "locked").mkdir(parents=True)
+    shutil.copy(GPS / "DSCN0010.jpg", root / "locked" / "a.jpg")
+    (root / "locked").chmod(0)
+    try:
+        got = {r.input_id: j.reason for r, j in collect(parse_source(f"exif:{root}"))}
+    finally:
+        (root / "locked").chmod(0o755)
+    assert got == {"locked": "folder_unreadable"}
