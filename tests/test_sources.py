@@ -197,8 +197,9 @@ def test_explicit_columns(tmp_path):
     ("image,lat,east", {}, "no longitude column"),
     ("picture,lat,lon", {}, "no image column"),
     ("image,url,lat,lon", {}, "several image columns"),
-    ("image,lat,lon", {"lat_column": "y"}, "lat_column='y' is not a column"),
-    ("image,lat,lon", {"id_column": "ref"}, "id_column='ref' is not a column"),
+    ("image,lat,lon", {"lat_column": "y"}, "--lat-column 'y' is not a column"),
+    ("image,lat,lon", {"id_column": "ref"}, "--id-column 'ref' is not a column"),
+    ("image,url,lat,lon", {}, "name the right one with --image-column"),
     ("image,lat,lon,lat", {}, "column names repeat"),
 ])
 def test_bad_columns_stop_before_the_run(tmp_path, header, options, message):
@@ -222,7 +223,7 @@ def test_bad_table_arguments(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(SourceError, match="empty"):
         parse_source(f"table:{tmp_path / 'empty.csv'}").check()
-    with pytest.raises(SourceError, match="unknown table format"):
+    with pytest.raises(SourceError, match="unknown --table-format"):
         parse_source(f"table:{tmp_path / 'empty.csv'}", {"format": "xls"}).check()
     # An explicit format reads a file whose name says nothing.
     (tmp_path / "rows.txt").write_text("image\tlat\tlon\na.jpg\t1\t2\n")

@@ -69,6 +69,8 @@ def register(sub) -> None:
     p.add_argument("--lat-column", help="table/wds: latitude column (auto: lat, latitude)")
     p.add_argument("--lon-column", help="table/wds: longitude column (auto: lon, lng, longitude)")
     p.add_argument("--id-column", help="table: id column (auto: id, key, image_id)")
+    p.add_argument("--table-format", dest="format", choices=("csv", "tsv", "parquet", "jsonl"),
+                   help="table: its format when the file name does not say (default: from the extension)")
     p.add_argument("--encoding", help="table: text encoding of csv/tsv/jsonl tables (default utf-8); a row "
                    "that does not decode is a ledger row (row_encoding)")
     g = p.add_argument_group("URL tables (img2dataset; the `download` extra)")
@@ -95,7 +97,7 @@ def register(sub) -> None:
 def config_from_args(args):
     from pipeline.beam.run import BuildConfig
 
-    source_options = {k: getattr(args, k) for k in ("image_column", "lat_column", "lon_column", "id_column", "encoding")
+    source_options = {k: getattr(args, k) for k in ("image_column", "lat_column", "lon_column", "id_column", "encoding", "format")
                       if getattr(args, k, None)}
     return BuildConfig(
         sources=args.source, out=args.out.rstrip("/") or "/", parts=args.parts, max_side=args.max_side,

@@ -47,7 +47,7 @@ class BadRow:
 def table_format(path: str, explicit: Optional[str] = None) -> str:
     if explicit:
         if explicit not in set(FORMATS.values()):
-            raise SourceError(f"unknown table format {explicit!r} (formats: csv, tsv, parquet, jsonl)")
+            raise SourceError(f"unknown --table-format {explicit!r} (formats: csv, tsv, parquet, jsonl)")
         return explicit
     name, ext = posixpath.splitext(path.lower())
     if ext in DECOMPRESSORS:
@@ -56,7 +56,7 @@ def table_format(path: str, explicit: Optional[str] = None) -> str:
     if fmt is None:
         raise SourceError(f"cannot tell the format of table {path} from its extension "
                           f"({', '.join(FORMATS)}; compressed: {', '.join(DECOMPRESSORS)}); "
-                          f"set the option format")
+                          f"name it with --table-format")
     return fmt
 
 
@@ -275,7 +275,7 @@ class TableSource(Source):
         opt = self.options.get
         id_column = opt("id_column")
         if id_column and id_column not in names:
-            raise SourceError(f"{where}: id_column={id_column!r} is not a column; columns: {names}")
+            raise SourceError(f"{where}: --id-column {id_column!r} is not a column; columns: {names}")
         if not id_column:
             lowered = {n.strip().lower(): n for n in names}
             id_column = next((lowered[c] for c in ID_COLUMNS if c in lowered), None)
