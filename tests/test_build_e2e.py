@@ -111,6 +111,21 @@ def test_each_bad_input_gets_its_reason(built):
         [r for r in ledger if r["reason"] == "internal_error"]
 
 
+def test_samples_publish_image_paths_relative_to_their_source(built):
+    """Before, every sample held the absolute local path (the builder's user and folder names)."""
+    inputs, out, _ = built
+    paths = {}
+    for shard in (out / "meta").rglob("*.tar"):
+        for sample in wds.WebDataset(str(shard), shardshuffle=False):
+            body = json.loads(sample["json"])
+            paths[(body["source"], body["input_id"])] = body["image_path"]
+    assert paths and str(out.parent) not in json.dumps(list(paths.values()))
+    local = {k: v for k, v in paths.items() if v and "://" not in v}
+    assert local and all(not v.startswith("/") for v in local.values())
+    exif = {input_id: v for (source, input_id), v in local.items() if source.startswith("exif:")}
+    assert exif and all(v == input_id for input_id, v in exif.items())
+
+
 def test_namibia_stays_na_in_provenance(built):
     _, out, _ = built
     for shard in (out / "meta").rglob("*.tar"):
