@@ -47,7 +47,7 @@ def test_an_out_mg_geo_did_not_make_is_refused_unless_overwrite(photos, capsys):
     assert (photos / "README.md").read_text() == "my holiday notes\n"
     assert sorted(p.name for p in photos.iterdir()) == ["DSCN0010.jpg", "DSCN0021.jpg", "README.md"]
     assert main([*argv, "--overwrite"]) == 0
-    assert (photos / ".mg-geo").is_file() and (photos / "README.md").read_text().startswith("# MG-Geo corpus")
+    assert (photos / ".mg-geo").is_file() and "# MG-Geo corpus" in (photos / "README.md").read_text()
     capsys.readouterr()
     assert main(argv) == 0  # marked now: a rerun replaces its own outputs without being told
 
