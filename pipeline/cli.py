@@ -22,7 +22,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="mg-geo", description="MG-Geo: geolocation training corpora (GaGA Meta/Clue/Dialogue parts) "
         "built with Apache Beam, and the training and evaluation that use them.")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="debug logging of mg-geo (and a failed build's traceback); -vv adds Apache Beam's "
+                        help="debug logging of mg-geo (and a failed build's traceback); -vv adds the libraries' (Beam, Pillow ...) "
                              "own INFO and DEBUG lines (thousands)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mg-geo {args.command}: error: {problem}", file=sys.stderr)
             return 2
     args.extra = extra
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # -v: mg-geo's own debug lines; -vv: every library's too (Pillow, matplotlib, Beam: thousands).
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose >= 2 else logging.INFO)
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
     # A failing step's traceback, which Beam logs as it stops: the command says it in one line
     # (and -v logs the traceback once).
     logging.getLogger("apache_beam.runners.common").setLevel(logging.ERROR if args.verbose else logging.CRITICAL)

@@ -107,3 +107,23 @@ def test_a_full_disk_is_one_line_exit_1_and_leaves_no_partial_file(photos, tmp_p
     assert len(ours) == 1 and "failed:" in ours[0] and "Traceback" not in done.stderr, done.stderr[-3000:]
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert left == [".mg-geo"], left  # no half shard, no _tmp, no lock
+
+
+def test_the_progress_line_says_records_per_stage_rate_and_time_left():
+    """A long build said nothing on the driver between its start and its report."""
+    from pipeline.beam.wrapper import Progress
+
+    counts = {"read": {"in": 300, "out": 290, "rejected": 10}, "image": {"in": 150, "out": 150, "rejected": 0}}
+    progress = Progress(total_inputs=900, counts=counts)
+    line = progress.line(now=progress.started + 60)
+    assert line == ("build running 60s; read 300 done (5.0/s, 10 rejected); image 150 done (2.5/s, 0 rejected); "
+                    "~120s left of the first stage (300/900 inputs)")
+    assert "worker processes" in Progress(counts={}).line(now=progress.started + 1)
+
+
+def test_verbose_is_mg_geo_debug_not_beams(photos, tmp_path, capsys):
+    """-v printed 3,600 lines of Beam's debug output for a small build."""
+    assert main(["-v", "build", "--source", f"exif:{photos}", "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert not [line for line in lines if " apache_beam." in line and (" DEBUG " in line or " INFO " in line)]
+    assert len(lines) < 100, len(lines)

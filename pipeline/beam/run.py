@@ -15,7 +15,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 from pipeline.beam.graph import build_pipeline
-from pipeline.beam.wrapper import stage_metrics
+from pipeline.beam.wrapper import Progress, stage_metrics
 from pipeline.io import outdir, shards
 from pipeline.core.errors import BadArgument
 from pipeline.io.sources import parse_source
@@ -97,9 +97,16 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
             raise
 
 
+def _known_inputs(sources: list) -> int | None:
+    """The number of inputs when every source knows it before the run (exif: folders), else None."""
+    if not all(source.kind == "exif" for source in sources):
+        return None
+    return sum(len(unit) for source in sources for unit in source.units())
+
+
 def _run_job(config: BuildConfig, pipeline: beam.Pipeline, sources: list, dry_run: bool) -> dict:
     started = time.perf_counter()
-    with pipeline as p:
+    with Progress(None if dry_run else _known_inputs(sources)), pipeline as p:
         build_pipeline(p, config, sources)
         graph_s = time.perf_counter() - started
     job_s = time.perf_counter() - started - graph_s  # the runner: translation, workers, every step
