@@ -38,6 +38,14 @@ class _DropBeamGcpNotice(logging.Filter):
         return not record.getMessage().startswith("apitools not found")
 
 
+class _DropBeamErrors(logging.Filter):
+    """Beam logs a failing step's error with its traceback as the job stops; the command then says
+    it in one line (and -v logs Beam's lines and the traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("apache_beam") and record.levelno >= logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`mg-geo ARGS`: parse, then run the subcommand; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -62,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     # -v: mg-geo's own debug lines; -vv: every library's too (Pillow, matplotlib, Beam: thousands).
     logging.getLogger().setLevel(logging.DEBUG if args.verbose >= 2 else logging.INFO)
     logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
-    # A failing step's traceback, which Beam logs as it stops: the command says it in one line
-    # (and -v logs the traceback once).
-    logging.getLogger("apache_beam.runners.common").setLevel(logging.ERROR if args.verbose else logging.CRITICAL)
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_DropBeamErrors())
     if args.verbose >= 2:
         logging.getLogger("apache_beam").setLevel(logging.DEBUG)
     return int(args.func(args) or 0)
