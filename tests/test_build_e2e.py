@@ -71,7 +71,8 @@ def test_the_build_leaves_only_its_outputs(built):
     _, out, _ = built
     # _tmp held the stash (every clean JPEG once more) and _work the counts; both go at the end,
     # the stash while the plots are drawn (outdir.cleaning_tmp).
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "manifest.parquet", "meta", "plots",
+    # .mg-geo marks OUT as made by mg-geo (a rerun may replace it); the lock is gone.
+    assert sorted(p.name for p in out.iterdir()) == [".mg-geo", "README.md", "manifest.parquet", "meta", "plots",
                                                       "rejected.parquet", "report.json"]
 
 
@@ -110,6 +111,21 @@ def test_each_bad_input_gets_its_reason(built):
         [r for r in ledger if r["reason"] == "internal_error"]
 
 
+def test_samples_publish_image_paths_relative_to_their_source(built):
+    """Before, every sample held the absolute local path (the builder's user and folder names)."""
+    inputs, out, _ = built
+    paths = {}
+    for shard in (out / "meta").rglob("*.tar"):
+        for sample in wds.WebDataset(str(shard), shardshuffle=False):
+            body = json.loads(sample["json"])
+            paths[(body["source"], body["input_id"])] = body["image_path"]
+    assert paths and str(out.parent) not in json.dumps(list(paths.values()))
+    local = {k: v for k, v in paths.items() if v and "://" not in v}
+    assert local and all(not v.startswith("/") for v in local.values())
+    exif = {input_id: v for (source, input_id), v in local.items() if source.startswith("exif:")}
+    assert exif and all(v == input_id for input_id, v in exif.items())
+
+
 def test_namibia_stays_na_in_provenance(built):
     _, out, _ = built
     for shard in (out / "meta").rglob("*.tar"):
@@ -141,7 +157,7 @@ def test_shards_open_with_plain_webdataset_and_match_the_schema(built):
     assert [(r["shard"], r["key"]) for r in manifest] == sorted((r["shard"], r["key"]) for r in manifest)
     assert all((out / "meta" / r["split"] / r["shard"]).exists() for r in manifest)
     assert len(manifest) > 20 and not list(out.rglob("*.partial"))
-    assert (out / "README.md").read_text().startswith("# MG-Geo corpus")
+    assert "\n# MG-Geo corpus" in (out / "README.md").read_text()
 
 
 def test_shard_limits_hold_and_numbers_are_contiguous(built):
@@ -265,3 +281,33 @@ def test_no_flatten_carries_whole_records(tmp_path, exif_samples):
     graph = p.to_runner_api().components.transforms
     flattens = [t.unique_name for t in graph.values() if t.spec.urn == "beam:transform:flatten:v1"]
     assert flattens == ["Ledger/PiecePaths"]
+
+
+def test_the_cards_load_snippets_load_exactly_the_shards(built):
+    """The card named meta-train-{000000..000009} while one shard existed, and `load_dataset(OUT)`
+    would have read the _stats.json files. The webdataset snippet is run; the YAML configs'
+    data_files globs must match exactly the tar files."""
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    _, out, _ = built
+    card = (out / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    tars = {str(p.relative_to(out)) for p in out.rglob("*.tar")}
+    assert len(tars) > 1 and list(out.rglob("*_stats.json"))
+    matched = set()
+    for config in header["configs"]:
+        for files in config["data_files"]:
+            found = {str(p.relative_to(out)) for p in out.glob(files["path"])}
+            assert found and all(f.startswith(f"{config['config_name']}/{files['split']}/") for f in found)
+            matched |= found
+    assert matched == tars
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    part, split = re.search(r'WebDataset\("(\w+)/(\w+)/', code).groups()
+    done = subprocess.run([sys.executable, "-c", code + "\nprint(sum(1 for _ in dataset))"], cwd=out,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == sum(1 for r in _manifest(out) if (r["part"], r["split"]) == (part, split))

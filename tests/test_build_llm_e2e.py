@@ -79,7 +79,7 @@ def captured_output():
 def run_cli(argv: list) -> tuple[int, str, float]:
     started = time.monotonic()
     with captured_output() as out:
-        rc = main(["-v", *argv])
+        rc = main(["-vv", *argv])  # -vv: the HTTP client's own debug lines too (the key must not be in them)
     return rc, out.getvalue(), time.monotonic() - started
 
 

@@ -336,3 +336,23 @@ def test_img2dataset_processes_download_every_row_in_a_fresh_process(tmp_path, e
     members, rows = _shard_contents(dl)
     assert len(members) == 2 * len(GPS_PHOTOS) and len(rows) == len(GPS_PHOTOS) + 1
     assert [status for _, _, status, row_id in rows if row_id == "missing"] == ["failed_to_download"]
+
+
+def test_a_url_table_downloads_by_default_and_no_download_keeps_the_table(tmp_path, exif_samples, capsys):
+    """Before, `build --source table:urls.csv` without --download rejected every row
+    (url_not_downloaded) and exited 0 with an empty corpus."""
+    table = tmp_path / "urls.csv"
+    with PhotoServer({}, {"/gps/": exif_samples / "gps"}) as server:
+        with open(table, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "url", "lat", "lon"])
+            writer.writerow(["ok", server.url("/gps/DSCN0010.jpg"), "43.4667", "11.8833"])
+        argv = ["build", "--source", f"table:{table}", "--download-timeout", str(TIMEOUT_S)]
+        assert main([*argv, "--out", str(tmp_path / "auto")]) == 0
+        assert server.hits["/gps/DSCN0010.jpg"] == 1
+        assert "lists image URLs: downloading them" in capsys.readouterr().err
+        assert [r["reason"] for r in pq.read_table(tmp_path / "auto" / "rejected.parquet").to_pylist()] == []
+        assert main([*argv, "--out", str(tmp_path / "kept"), "--no-download"]) == 0
+        assert server.hits["/gps/DSCN0010.jpg"] == 1
+    assert [r["reason"] for r in pq.read_table(tmp_path / "kept" / "rejected.parquet").to_pylist()] == [
+        "url_not_downloaded"]

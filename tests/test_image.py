@@ -367,3 +367,30 @@ def test_too_small_uses_the_configured_minimum(exif_samples):
     assert process(tiny, min_side=66).reason == "too_small"
     assert process(tiny, min_side=65).image["width"] == 65
     assert process(encoded(Image.new("RGB", (200, 31)))).reason == "too_small"
+
+
+@pytest.mark.parametrize("size, rotated", [((33, 30000), False), ((30000, 33), True), ((2100, 100), False)])
+def test_a_strip_is_a_degenerate_aspect_not_a_one_pixel_sample(size, rotated):
+    """33x30000 became a 1x768 sample; an orientation tag swaps the sides, the rule holds either way."""
+    im = Image.new("RGB", size, (120, 90, 40))
+    params = {}
+    if rotated:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        params["exif"] = exif.tobytes()
+    reject = process(encoded(im, "JPEG", **params))
+    assert reject.reason == "degenerate_aspect", reject
+    assert f"{size[0]}x{size[1]}" in reject.detail
+
+
+def test_a_wide_panorama_within_the_limits_is_kept():
+    out = process(encoded(Image.new("RGB", (4000, 500), (10, 200, 30)), "JPEG"))
+    assert out.image["width"] == 768 and out.image["height"] == 96
+
+
+def test_avif_decodes_when_pillow_has_it():
+    from PIL import features
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF codec")
+    out = process(encoded(Image.new("RGB", (300, 200), (200, 30, 30)), "AVIF"))
+    assert out.image["orig_format"] == "AVIF" and out.image["width"] == 300

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -196,8 +197,9 @@ def test_explicit_columns(tmp_path):
     ("image,lat,east", {}, "no longitude column"),
     ("picture,lat,lon", {}, "no image column"),
     ("image,url,lat,lon", {}, "several image columns"),
-    ("image,lat,lon", {"lat_column": "y"}, "lat_column='y' is not a column"),
-    ("image,lat,lon", {"id_column": "ref"}, "id_column='ref' is not a column"),
+    ("image,lat,lon", {"lat_column": "y"}, "--lat-column 'y' is not a column"),
+    ("image,lat,lon", {"id_column": "ref"}, "--id-column 'ref' is not a column"),
+    ("image,url,lat,lon", {}, "name the right one with --image-column"),
     ("image,lat,lon,lat", {}, "column names repeat"),
 ])
 def test_bad_columns_stop_before_the_run(tmp_path, header, options, message):
@@ -221,7 +223,7 @@ def test_bad_table_arguments(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(SourceError, match="empty"):
         parse_source(f"table:{tmp_path / 'empty.csv'}").check()
-    with pytest.raises(SourceError, match="unknown table format"):
+    with pytest.raises(SourceError, match="unknown --table-format"):
         parse_source(f"table:{tmp_path / 'empty.csv'}", {"format": "xls"}).check()
     # An explicit format reads a file whose name says nothing.
     (tmp_path / "rows.txt").write_text("image\tlat\tlon\na.jpg\t1\t2\n")
@@ -395,3 +397,114 @@ def test_exif_units_are_batches_that_cover_every_photo_once(exif_samples, monkey
     assert keys == whole and len(keys) == len(set(keys)) > 30
     monkeypatch.setattr(exif_module, "MAX_PER_UNIT", 5)
     assert max(map(len, source.units())) == 5
+
+
+# ---------------------------------------------------------------- issue 17: no silent loss in tables
+
+
+def _csv_lines(n: int) -> list[str]:
+    return [f"p{i}.jpg,{i % 80},{i % 170},note {i}" for i in range(1, n + 1)]
+
+
+def test_an_unclosed_quote_loses_no_line(tmp_path):
+    """Row 5 of 20 opens a quote that never closes: before, rows 6-20 folded into its last cell and
+    the table counted 5 inputs. Now row 5 is one ledger row and rows 6-20 are rows again."""
+    rows = _csv_lines(20)
+    rows[4] = 'p5.jpg,5,5,"an unclosed note'
+    path = tmp_path / "quote.csv"
+    path.write_text("image,lat,lon,note\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    pairs = collect(parse_source(f"table:{path}"))
+    assert len(pairs) == 20
+    rejected = [(r.input_id, j.reason, j.detail) for r, j in pairs if j is not None]
+    assert len(rejected) == 1 and rejected[0][1] == "row_malformed" and "line 6" in rejected[0][2]
+    assert [r.coords_raw["lat"] for r, j in pairs if j is None][4:] == [str(i % 80) for i in range(6, 21)]
+    assert_keys_safe_and_unique(pairs)
+
+
+def test_a_cell_over_several_lines_is_a_ledger_row_naming_them(tmp_path):
+    """A quote that closes lines later joins those lines into one row: one ledger row names them."""
+    rows = _csv_lines(10)
+    rows[2] = 'p3.jpg,3,3,"opens here'
+    rows[5] = 'closes here"'
+    path = tmp_path / "joined.csv"
+    path.write_text("image,lat,lon,note\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    pairs = collect(parse_source(f"table:{path}"))
+    joined = [j for _, j in pairs if j is not None]
+    assert [j.reason for j in joined] == ["row_multiline"]
+    assert "lines 4-7" in joined[0].detail
+    assert len(pairs) == 10 - 3  # lines 4-7 are one row, and the ledger row says which
+
+
+@pytest.mark.parametrize("n_rows", [20, 300, 5000])
+def test_a_bad_byte_is_one_ledger_row_at_every_size(tmp_path, n_rows):
+    """Before, a bad byte in a large file lost every row after its 8 KB chunk (one table_corrupt
+    row) while in a small file it stopped the run: now it is one row_encoding row at any size."""
+    bad = n_rows * 5 // 6
+    body = "\n".join(_csv_lines(n_rows)).encode("utf-8").split(b"\n")
+    body[bad - 1] = body[bad - 1].replace(b"note", b"caf\xe9")
+    path = tmp_path / "latin.csv"
+    path.write_bytes(b"image,lat,lon,note\n" + b"\n".join(body) + b"\n")
+    pairs = collect(parse_source(f"table:{path}"))
+    assert len(pairs) == n_rows
+    [(record, reject)] = [(r, j) for r, j in pairs if j is not None]
+    assert reject.reason == "row_encoding" and "--encoding latin-1" in reject.detail
+    assert f"line {bad + 1}" in reject.detail
+    # Named, the encoding reads every row.
+    pairs = collect(parse_source(f"table:{path}", {"encoding": "latin-1"}))
+    assert len(pairs) == n_rows and all(j is None for _, j in pairs)
+    assert pairs[bad - 1][0].provenance["note"] == "café " + str(bad)
+
+
+def test_a_bad_byte_in_the_header_or_a_bad_encoding_stops_the_run(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_bytes(b"image,lat,lon,not\xe9\na.jpg,1,2,x\n")
+    with pytest.raises(SourceError, match="--encoding latin-1"):
+        parse_source(f"table:{path}").check()
+    with pytest.raises(SourceError, match="unknown --encoding"):
+        parse_source(f"table:{path}", {"encoding": "klingon"}).check()
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_bytes(b'{"image": "a.jpg", "lat": 1, "lon": 2}\n{"image": "caf\xe9.jpg", "lat": 1, "lon": 2}\n')
+    assert [j.reason if j else None for _, j in collect(parse_source(f"table:{jsonl}"))] == [None, "row_encoding"]
+
+
+# ---------------------------------------------------------------- issue 17: no silent skip in folders
+
+
+def test_every_file_named_like_a_photo_is_an_input(tmp_path):
+    """Before, exif:DIR ignored .heic/.heif/.avif/.gif files, dangling and looping symlinks and
+    symlinked folders without a word."""
+    from PIL import Image
+
+    root, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(GPS / "DSCN0010.jpg", root / "a.jpg")
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(root / "b.gif")
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(root / "c.AVIF", "AVIF")
+    (root / "d.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (root / "e.HEIF").write_bytes(b"\x00\x00\x00\x18ftypmif1")
+    (root / "gone.jpg").symlink_to(tmp_path / "nothing.jpg")
+    (root / "loop.jpg").symlink_to(root / "loop.jpg")
+    shutil.copy(GPS / "DSCN0012.jpg", elsewhere / "f.jpg")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "linked" / "up").symlink_to(root, target_is_directory=True)  # a loop back: walked once
+    (root / "notes.txt").write_text("not a photo, not an input")
+    got = {r.input_id: (j.reason if j else None) for r, j in collect(parse_source(f"exif:{root}"))}
+    assert got == {"a.jpg": None, "b.gif": None, "c.AVIF": None, "d.heic": "unsupported_format",
+                   "e.HEIF": "unsupported_format", "gone.jpg": "broken_symlink", "loop.jpg": "symlink_loop",
+                   "linked/f.jpg": None}
+    details = {r.input_id: j.detail for r, j in collect(parse_source(f"exif:{root}")) if j}
+    assert details["d.heic"].startswith("HEIC") and details["e.HEIF"].startswith("HEIF")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists every folder: no unreadable one can be made")
+def test_an_unreadable_folder_is_a_ledger_row(tmp_path):
+    root = tmp_path / "photos"
+    (root / "locked").mkdir(parents=True)
+    shutil.copy(GPS / "DSCN0010.jpg", root / "locked" / "a.jpg")
+    (root / "locked").chmod(0)
+    try:
+        got = {r.input_id: j.reason for r, j in collect(parse_source(f"exif:{root}"))}
+    finally:
+        (root / "locked").chmod(0o755)
+    assert got == {"locked": "folder_unreadable"}

@@ -4,8 +4,10 @@ alone), then write report.json, the plots and the dataset card.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -13,8 +15,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 from pipeline.beam.graph import build_pipeline
-from pipeline.beam.wrapper import stage_metrics
+from pipeline.beam.wrapper import Progress, stage_metrics
 from pipeline.io import outdir, shards
+from pipeline.core.errors import BadArgument
 from pipeline.io.sources import parse_source
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ class BuildConfig:
     split_link_km: float = 1.0
     limits: shards.ShardLimits = field(default_factory=shards.ShardLimits)
     source_options: dict = field(default_factory=dict)
+    overwrite: bool = False  # --overwrite: build into a non-empty OUT that mg-geo did not make
     fail_writer_after: int | None = None  # crash injection for tests only
     lvlm_args: object = None  # parsed CLI flags for the LVLM parts (pipeline.beam.llm_parts reads them)
 
@@ -48,9 +52,26 @@ def default_runner(options: PipelineOptions) -> str | None:
     return None if options.view_as(StandardOptions).runner else DEFAULT_RUNNER
 
 
+def check_distinct(sources: list) -> None:
+    """The same source twice would make every sample twice under one key (webdataset then stops
+    at "duplicate file name"): a bad argument, named, before any work."""
+    seen: dict = {}
+    for source in sources:
+        where = source.location.rstrip("/") or "/"
+        if "://" not in where:
+            where = os.path.realpath(where)
+        same = seen.get((source.kind, where))
+        seen[(source.kind, where)] = source.spec
+        if same is not None:
+            also = "" if same == source.spec else f" (as {same!r} and {source.spec!r})"
+            raise BadArgument(f"source {source.kind}:{where} is given twice{also}; every input would "
+                              f"be built twice: give each source once")
+
+
 def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     """Check arguments, run the job, write report.json and README.md; returns the report."""
     sources = [parse_source(spec, config.source_options) for spec in config.sources]
+    check_distinct(sources)
     for source in sources:
         source.check()
     if {"clue", "dialogue"} & set(config.parts):
@@ -58,10 +79,34 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
         check_llm(config)
     options = PipelineOptions(beam_args)
     dry_run = options.view_as(TestOptions).dry_run
-    if not dry_run:
-        outdir.prepare(config.out)
+    try:
+        pipeline = beam.Pipeline(runner=default_runner(options), options=options)
+    except ValueError as exc:  # an unknown --runner: before OUT is touched
+        raise BadArgument(f"--runner: {exc}") from None
+    if dry_run:
+        return _run_job(config, pipeline, sources, dry_run=True)
+    with outdir.locked(config.out):
+        outdir.prepare(config.out, overwrite=config.overwrite)
+        try:
+            return _run_job(config, pipeline, sources, dry_run=False)
+        except BaseException:
+            # A failed or interrupted run leaves no partial file outside OUT/_tmp, and not
+            # OUT/_tmp either (a rerun would remove it anyway).
+            with contextlib.suppress(Exception):
+                outdir.cleanup_tmp(config.out)
+            raise
+
+
+def _known_inputs(sources: list) -> int | None:
+    """The number of inputs when every source knows it before the run (exif: folders), else None."""
+    if not all(source.kind == "exif" for source in sources):
+        return None
+    return sum(len(unit) for source in sources for unit in source.units())
+
+
+def _run_job(config: BuildConfig, pipeline: beam.Pipeline, sources: list, dry_run: bool) -> dict:
     started = time.perf_counter()
-    with beam.Pipeline(runner=default_runner(options), options=options) as p:
+    with Progress(None if dry_run else _known_inputs(sources)), pipeline as p:
         build_pipeline(p, config, sources)
         graph_s = time.perf_counter() - started
     job_s = time.perf_counter() - started - graph_s  # the runner: translation, workers, every step

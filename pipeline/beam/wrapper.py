@@ -42,6 +42,54 @@ class BundleCounts:
             self.counts[name] = value - whole
 
 
+# Records done per stage by the stages running in this process (Beam's in-process runner, the
+# default): the driver's Progress reads it. Workers in other processes log their own lines.
+LIVE_COUNTS: dict[str, dict[str, int]] = {}
+
+
+class Progress:
+    """The driver's heartbeat: a line at least every `every_s` seconds while the job runs, with the
+    records each stage has done, its rate and, where the number of inputs is known (exif: folders,
+    counted before the run), the time left. Metrics are only queryable after the job, so it reads
+    LIVE_COUNTS; with worker processes it says how long the job has run."""
+
+    def __init__(self, total_inputs: int | None = None, every_s: float = 30.0, counts: dict | None = None):
+        self.total = total_inputs
+        self.every_s = every_s
+        self.counts = LIVE_COUNTS if counts is None else counts
+        self.started = time.monotonic()
+        self._stop = None
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max(1e-9, (now if now is not None else time.monotonic()) - self.started)
+        parts = [f"build running {elapsed:.0f}s"]
+        for name, c in list(self.counts.items()):
+            parts.append(f"{name} {c['in']} done ({c['in'] / elapsed:.1f}/s, {c['rejected']} rejected)")
+        first = next(iter(self.counts.values()), None)
+        if self.total and first and first["in"]:
+            left = max(0, self.total - first["in"]) / (first["in"] / elapsed)
+            parts.append(f"~{left:.0f}s left of the first stage ({first['in']}/{self.total} inputs)")
+        elif not self.counts:
+            parts.append("(stage counts are logged by the worker processes)")
+        return "; ".join(parts)
+
+    def __enter__(self):
+        import threading
+
+        self.counts.clear()
+        self._stop = threading.Event()
+
+        def beat():
+            while not self._stop.wait(self.every_s):
+                log.info("%s", self.line())
+        threading.Thread(target=beat, name="mg-geo-progress", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        return False
+
+
 class _Tally:
     """One stage's counts and time in a worker (BundleCounts), and its progress log while the
     job runs (metrics are only queryable from the result afterwards)."""
@@ -67,9 +115,11 @@ class _Tally:
                     kept.append(record)
             else:
                 kept.append(outcome)
+        live = LIVE_COUNTS.setdefault(stage.name, {"in": 0, "out": 0, "rejected": 0})
         for name, n in (("in", len(records)), ("out", len(outcomes) - len(rejected)), ("rejected", len(rejected))):
             self.counts.add(name, n)
             self.local[name] += n
+            live[name] += n
         self._maybe_log_progress()
         return kept, rejected
 

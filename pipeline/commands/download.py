@@ -32,6 +32,7 @@ def register(sub) -> None:
     p.add_argument("--lat-column", help="latitude column (auto: lat, latitude)")
     p.add_argument("--lon-column", help="longitude column (auto: lon, lng, longitude)")
     p.add_argument("--id-column", help="id column (auto: id, key, image_id)")
+    p.add_argument("--encoding", help="text encoding of a csv/tsv/jsonl table (default utf-8)")
     p.set_defaults(func=run)
 
 
@@ -39,7 +40,7 @@ def run(args) -> int:
     from pipeline.io.download import DownloadIncomplete, DownloadOptions, run_download
     from pipeline.core.errors import BadArgument
 
-    source_options = {k: getattr(args, k) for k in ("image_column", "lat_column", "lon_column", "id_column")
+    source_options = {k: getattr(args, k) for k in ("image_column", "lat_column", "lon_column", "id_column", "encoding")
                       if getattr(args, k, None)}
     options = DownloadOptions(processes=args.processes, threads=args.threads, timeout_s=args.timeout,
                               retries=args.retries, samples_per_shard=args.samples_per_shard,

@@ -20,7 +20,7 @@ def run(args) -> int:
     from apache_beam.io.filesystems import FileSystems
 
     from pipeline.io import outdir
-    from pipeline.report.card import render_card
+    from pipeline.report.card import count_shards, render_card
     from pipeline.report.plots import make_plots
 
     report_path = outdir.join(args.out, "report.json")
@@ -31,7 +31,7 @@ def run(args) -> int:
     rep = json.loads(outdir.read_text(report_path))
     rep["plots"] = make_plots(args.out, rep)
     outdir.write_text(report_path, json.dumps(rep, indent=1, sort_keys=True))
-    outdir.write_text(outdir.join(args.out, "README.md"), render_card(rep))
+    outdir.write_text(outdir.join(args.out, "README.md"), render_card(rep, count_shards(args.out, rep["config"]["parts"])))
     for path in rep["plots"]:
         print(outdir.join(args.out, path))
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -64,7 +65,21 @@ class Record:
         # and was a third of the writer's time. Callers serialise it; they must not mutate it.
         # coords_raw: evidence only, lat/lon are the answer; stash_*: the build's bookkeeping
         skip = ("image_bytes", "stash_ref", "stashed_parts", "coords_raw")
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        out["image_path"] = public_image_path(self.source, self.image_path)
+        return out
+
+
+def public_image_path(source: str, path: Optional[str]) -> Optional[str]:
+    """image_path as a published sample holds it: relative to its source's root (the exif: folder,
+    the table's folder), so no user or folder name of the machine that built it travels with the
+    corpus. URLs stay whole; a local path outside the root keeps its file name only."""
+    if not path or "://" in path:
+        return path
+    kind, _, location = source.partition(":")
+    root = location if kind == "exif" else posixpath.dirname(location)
+    root = root.rstrip("/") + "/"
+    return path[len(root):] if path.startswith(root) else posixpath.basename(path)
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Record))

@@ -4,6 +4,57 @@ from __future__ import annotations
 from pipeline.io import outdir
 
 TOP_COUNTRIES = 20
+SPLITS = ("train", "val", "test")
+
+
+def count_shards(out: str, parts) -> dict:
+    """{part: {split: number of shards}} as they lie in OUT (numbered from 000000, contiguous)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    counts = {}
+    for part in parts:
+        for split in SPLITS:
+            pattern = outdir.join(out, part, split, f"{part}-{split}-*.tar")
+            n = len(FileSystems.match([pattern])[0].metadata_list)
+            if n:
+                counts.setdefault(part, {})[split] = n
+    return counts
+
+
+def _shard_glob(part: str, split: str) -> str:
+    return f"{part}/{split}/{part}-{split}-*.tar"
+
+
+def _brace(part: str, split: str, n: int) -> str:
+    """The shards of one part and split as webdataset names them: a brace range, or the one name."""
+    names = f"{0:06d}" if n == 1 else f"{{{0:06d}..{n - 1:06d}}}"
+    return f"{part}/{split}/{part}-{split}-{names}.tar"
+
+
+def front_matter(shards: dict) -> str:
+    """The card's YAML header: a `configs:` block per part whose data_files match exactly the
+    part's tars, so `datasets.load_dataset(OUT)` loads samples and not the `_stats.json` files."""
+    lines = ["---", "configs:"]
+    for i, (part, splits) in enumerate(shards.items()):
+        lines += [f"- config_name: {part}", "  data_files:"]
+        lines += [f"  - split: {split}\n    path: \"{_shard_glob(part, split)}\"" for split in splits]
+        if i == 0:
+            lines.append("  default: true")
+    return "\n".join(lines + ["---"]) if shards else ""
+
+
+def _load_lines(shards: dict) -> str:
+    first = next(((part, split, n) for part, splits in shards.items() for split, n in splits.items()), None)
+    if first is None:
+        return "- Load: no shard was written (every input is in `rejected.parquet`)."
+    part, split, n = first
+    return ("- Load with webdataset:\n\n```python\nimport webdataset\n"
+            f"dataset = webdataset.WebDataset(\"{_brace(part, split, n)}\", shardshuffle=False).decode(\"pil\")\n"
+            "```\n\n"
+            "  Shards of every part and split: "
+            + ", ".join(f"`{_brace(p, s, k)}`" for p, splits in shards.items() for s, k in splits.items())
+            + ".\n- Load with Hugging Face datasets: `datasets.load_dataset(\"OUT\", \"" + part
+            + "\")` (the `configs:` block above names each part's tars).")
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -12,7 +63,9 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def render_card(rep: dict) -> str:
+def render_card(rep: dict, shards: dict | None = None) -> str:
+    """The card's markdown; `shards` ({part: {split: count}}, count_shards) names the real files."""
+    shards = shards or {}
     cfg = rep["config"]
     parts = cfg["parts"]
     sample_rows = [[part, *(rep["samples"].get(part, {}).get(s, 0) for s in ("train", "val", "test")),
@@ -21,6 +74,7 @@ def render_card(rep: dict) -> str:
     reject_rows = [[stage, reason, n] for stage, reasons in rep["rejected"].items() for reason, n in reasons.items()]
     plots = rep.get("plots") or []
     return "\n\n".join(filter(None, [
+        front_matter(shards),
         "# MG-Geo corpus",
         "Geolocation training data in the layout of GaGA (arXiv 2412.08907), built by the MG-Geo pipeline. "
         "Parts: **meta** (image + location hierarchy as question-answer turns), **clue** (visual clues an LVLM "
@@ -30,8 +84,7 @@ def render_card(rep: dict) -> str:
         f"<= {cfg['max_side']} px, no metadata; a source JPEG that needed no change keeps its own compressed data, "
         "`image.jpeg_copied` in the json) and `KEY.json` (the record, schema `schemas/record.schema.json`).\n"
         "- `manifest.parquet`: one row per sample. `rejected.parquet`: every input that did not become a sample, "
-        "with stage and reason. `report.json`: all counts.\n"
-        "- Load: `webdataset.WebDataset('meta/train/meta-train-{000000..000009}.tar').decode('pil')`.",
+        "with stage and reason. `report.json`: all counts.\n" + _load_lines(shards),
         "## Samples\n" + _table(["part", "train", "val", "test", "total", "shards"], sample_rows),
         f"Inputs: {rep['inputs_total']}; rejected: {rep['rejected_total']}; every input accounted for: "
         f"{'yes' if rep['conservation_ok'] else '**NO**'}.",
@@ -53,4 +106,5 @@ def render_card(rep: dict) -> str:
 
 
 def write_card(config, rep: dict) -> None:
-    outdir.write_text(outdir.join(config.out, "README.md"), render_card(rep))
+    outdir.write_text(outdir.join(config.out, "README.md"),
+                      render_card(rep, count_shards(config.out, rep["config"]["parts"])))

@@ -32,7 +32,7 @@ import re
 
 import imagehash
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 try:
     from PIL import ImageCms
@@ -51,7 +51,10 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # Formats a photo corpus can hold. Pillow's plug-ins for other formats (EPS runs Ghostscript, ...)
 # are a needless attack surface for untrusted input. (The JPEG opener also returns multi-picture
 # phone JPEGs, whose im.format is "MPO"; "MPO" itself is not an opener name.)
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF") + (("AVIF",) if features.check("avif") else ())
+# A picture whose sides differ more than this is a strip, not a photo; and one whose shorter side
+# would be under min_side after the resize (33x30000 became 1x768) is no sample either.
+MAX_ASPECT = 20.0
 _JPEG_FORMATS = ("JPEG", "MPO")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _WHITE = (255, 255, 255)
@@ -142,6 +145,9 @@ class ImageStage(Stage):
                                                 f"pixels, over the limit of {self.max_pixels}")
         if min(width, height) < self.min_side:
             return Reject("too_small", f"{width}x{height} has a side under {self.min_side} px")
+        degenerate = self._degenerate(width, height)
+        if degenerate:
+            return degenerate
         if source_format in _JPEG_FORMATS:
             copied = self._copied_jpeg(record, im, data)
             if copied is not None:
@@ -165,6 +171,19 @@ class ImageStage(Stage):
         orig_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
         return _with_jpeg(record, data, jpeg, pixels.size, orig_size, source_format, orientation,
                           perceptual_hash(pixels), copied=False)
+
+    def _degenerate(self, width: int, height: int) -> Reject | None:
+        """Reject a strip: the shorter side after the resize (an orientation swaps the sides, not
+        their lengths) under min_side, or an aspect ratio over MAX_ASPECT."""
+        scale = min(1.0, self.max_side / max(width, height))
+        shorter = max(1, round(min(width, height) * scale))
+        ratio = max(width, height) / min(width, height)
+        if shorter < self.min_side or ratio > MAX_ASPECT:
+            return Reject("degenerate_aspect", f"{width}x{height} (aspect {ratio:.1f}:1) would be "
+                                               f"{shorter} px on its shorter side at --max-side "
+                                               f"{self.max_side} (at least {self.min_side} px, aspect "
+                                               f"at most {MAX_ASPECT:g}:1)")
+        return None
 
     def _copied_jpeg(self, record: Record, im: Image.Image, data: bytes) -> Record | None:
         """The record with the source's own JPEG data, metadata stripped, when nothing about the

@@ -33,6 +33,12 @@ DECOMPRESSORS = {
 
 
 
+def flag(option: str) -> str:
+    """The command-line flag that sets a source option (id_column -> --id-column): error texts
+    name what the user can type."""
+    return {"format": "--table-format"}.get(option, "--" + option.replace("_", "-"))
+
+
 def find_column(names: list[str], candidates: tuple[str, ...], explicit: Optional[str], role: str,
                 option: str, where: str) -> str:
     """The column for `role`: the one named by the user, else the one auto-detected candidate.
@@ -40,13 +46,13 @@ def find_column(names: list[str], candidates: tuple[str, ...], explicit: Optiona
     if explicit:
         if explicit in names:
             return explicit
-        raise SourceError(f"{where}: {option}={explicit!r} is not a column; columns: {names}")
+        raise SourceError(f"{where}: {flag(option)} {explicit!r} is not a column; columns: {names}")
     found = [name for name in names if name.strip().lower() in candidates]
     if len(found) == 1:
         return found[0]
     problem = f"several {role} columns {found}" if found else f"no {role} column"
     raise SourceError(f"{where}: {problem} (looked for {', '.join(candidates)}); columns: {names}; "
-                      f"name the right one with the option {option}")
+                      f"name the right one with {flag(option)}")
 
 
 def value_text(value) -> str:

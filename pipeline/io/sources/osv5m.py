@@ -31,7 +31,7 @@ from pipeline.report.agreement import LEVELS
 from pipeline.core.record import Record, Reject, make_key
 from pipeline.io.sources.base import IMAGE_EXTENSIONS, Source, SourceError, join, relative_to
 from pipeline.io.sources.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, find_column
-from pipeline.io.sources.table import BadRow, _csv_table
+from pipeline.io.sources.table import BadRow, _csv_table, _Lines
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +208,7 @@ class Osv5mSource(Source):
                 handle.seek(chunk.start)
                 data = handle.read(chunk.end - chunk.start)
             index = image_index(folder)
-            text = io.TextIOWrapper(io.BytesIO(chunk.header + data), encoding="utf-8-sig", newline="")
-            names, rows = _csv_table(text, ",")
+            names, rows = _csv_table(_Lines(io.BytesIO(chunk.header + data), "utf-8"), ",")
             columns = self.columns(names, chunk.csv)
             for row in rows:
                 yield self._row_record(chunk, columns, index, folder, chunk.first_row + done, row)

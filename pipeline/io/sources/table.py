@@ -6,6 +6,7 @@ become a missing value, and "48.8566" must reach the validate stage exactly as t
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import io
@@ -46,7 +47,7 @@ class BadRow:
 def table_format(path: str, explicit: Optional[str] = None) -> str:
     if explicit:
         if explicit not in set(FORMATS.values()):
-            raise SourceError(f"unknown table format {explicit!r} (formats: csv, tsv, parquet, jsonl)")
+            raise SourceError(f"unknown --table-format {explicit!r} (formats: csv, tsv, parquet, jsonl)")
         return explicit
     name, ext = posixpath.splitext(path.lower())
     if ext in DECOMPRESSORS:
@@ -55,12 +56,12 @@ def table_format(path: str, explicit: Optional[str] = None) -> str:
     if fmt is None:
         raise SourceError(f"cannot tell the format of table {path} from its extension "
                           f"({', '.join(FORMATS)}; compressed: {', '.join(DECOMPRESSORS)}); "
-                          f"set the option format")
+                          f"name it with --table-format")
     return fmt
 
 
 @contextlib.contextmanager
-def open_table(path: str, fmt: str):
+def open_table(path: str, fmt: str, encoding: str = "utf-8"):
     """Yields (column names, rows): each row is a dict of column -> text, or a BadRow."""
     if fmt == "parquet":
         # Parquet compresses inside the file; pyarrow needs the seekable raw handle.
@@ -69,31 +70,136 @@ def open_table(path: str, fmt: str):
             yield parquet.schema_arrow.names, _parquet_rows(parquet)
         return
     with open_decompressed(path) as handle:
-        text = io.TextIOWrapper(io.BufferedReader(RawAdapter(handle)), encoding="utf-8-sig",
-                                newline="" if fmt in ("csv", "tsv") else None)
+        lines = _Lines(io.BufferedReader(RawAdapter(handle)), encoding)
         if fmt == "jsonl":
-            yield _jsonl_table(text)
+            yield _jsonl_table(lines)
         else:
-            yield _csv_table(text, "\t" if fmt == "tsv" else ",")
+            yield _csv_table(lines, "\t" if fmt == "tsv" else ",")
 
 
-def _csv_table(text, delimiter: str):
+def check_encoding(encoding: str) -> str:
+    """The name of a codec that can decode a table line by line (--encoding), else SourceError."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise SourceError(f"unknown --encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
+    if name.startswith(("utf-16", "utf-32")):
+        raise SourceError(f"--encoding {encoding}: tables are read line by line, which needs an "
+                          f"encoding where a line ends in a newline byte; convert the table to utf-8")
+    return name
+
+
+class _Lines:
+    """A table's physical lines, each decoded on its own (in --encoding), numbered from 1.
+
+    Line by line, not through one TextIOWrapper: a wrapper fails on the 8 KB chunk that holds a
+    bad byte, so the rows after it were lost in one `table_corrupt` row in a large file while a
+    small file (one chunk) stopped the run. Here a line that does not decode is kept (with U+FFFD
+    where the bad bytes were) and its number noted: the row it belongs to becomes a ledger row
+    (`row_encoding`), every other row is read. Lines can be pushed back to be read again."""
+
+    def __init__(self, binary, encoding: str):
+        self.binary = iter(binary)
+        self.encoding = check_encoding(encoding)
+        self.count = 0            # lines handed out so far (the number of the last one)
+        self.undecodable: dict[int, str] = {}  # line number -> what was wrong with it
+        self.replay: list[tuple[int, str]] = []  # (number, text) pushed back, next first
+        self.taken: list[tuple[int, str]] = []   # lines handed out since mark()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.replay:
+            self.count, text = self.replay.pop(0)
+        else:
+            raw = next(self.binary)
+            self.count += 1
+            try:
+                text = raw.decode(self.encoding)
+            except UnicodeDecodeError as exc:
+                text = raw.decode(self.encoding, errors="replace")
+                self.undecodable[self.count] = (
+                    f"line {self.count} is not valid {self.encoding} (byte 0x{raw[exc.start]:02x} at "
+                    f"column {exc.start + 1}); if the table is in another encoding, name it, e.g. "
+                    f"--encoding latin-1")
+            if self.count == 1:
+                text = text.lstrip("\ufeff")  # a byte-order mark is not part of the header
+        self.taken.append((self.count, text))
+        return text
+
+    def mark(self) -> int:
+        """Start a row: returns the number of the line before it."""
+        self.taken = []
+        return self.count
+
+    def read_again_after_first(self) -> None:
+        """The lines of the row begun at mark(), but its first, are read again (a broken row)."""
+        self.replay = self.taken[1:] + self.replay
+        self.taken = []
+
+    def encoding_problem(self, first: int, last: int) -> Optional[str]:
+        return next((self.undecodable[n] for n in range(first, last + 1) if n in self.undecodable), None)
+
+
+def _csv_table(lines: _Lines, delimiter: str):
     # The csv module reads every cell as text by construction and lets one ragged row become one
-    # ledger row (pandas would stop the read or drop the row).
-    reader = csv.reader(text, delimiter=delimiter)
-    header = next(reader, None)
+    # ledger row (pandas would stop the read or drop the row). strict=True: a stray quote is an
+    # error, not a cell that quietly swallows the lines after it.
+    def reader():
+        return csv.reader(lines, delimiter=delimiter, strict=True)
+    try:
+        header = next(reader(), None)
+    except csv.Error as exc:
+        raise SourceError(f"the header row is not valid csv: {exc}") from None
     if header is None:
         raise SourceError("the table is empty (no header row)")
+    problem = lines.encoding_problem(1, lines.count)
+    if problem:
+        raise SourceError(f"the header: {problem}")
 
     def rows():
-        for cells in reader:
-            if not cells:
+        """Every physical line ends in a row or a ledger row that names it: a row the csv module
+        cannot parse (an unclosed quote at the end) is one ledger row whose later lines are read
+        again as rows of their own; a row whose quoted cell swallowed whole rows (a quote closed
+        lines later) is one ledger row naming its lines. Quoted line breaks in text stay valid."""
+        cells_of = reader()
+        while True:
+            before = lines.mark()
+            try:
+                cells = next(cells_of, None)
+            except csv.Error as exc:
+                # An unclosed quote runs to the end of the file (or the field size limit): the
+                # lines it swallowed are read again, each as the row it was meant to be.
+                yield BadRow("row_malformed", f"line {before + 1}: {exc} (an unclosed quote?); "
+                                              f"the lines after it are read again")
+                lines.read_again_after_first()
+                cells_of = reader()
+                continue
+            if cells is None:
+                return
+            first, last = before + 1, lines.count
+            problem = lines.encoding_problem(first, last)
+            if problem:
+                yield BadRow("row_encoding", problem)
+            elif not cells:
                 continue  # a blank line is not a row
-            if len(cells) != len(header):
-                yield BadRow("row_malformed", f"{len(cells)} fields where the header has {len(header)}")
+            elif last > first and _swallows_rows(cells, len(header), delimiter):
+                yield BadRow("row_multiline", f"lines {first}-{last} were read as one row: a quoted "
+                                              f"cell holds lines that are whole rows (an unclosed quote?)")
+            elif len(cells) != len(header):
+                yield BadRow("row_malformed", f"line {first}: {len(cells)} fields where the header "
+                                              f"has {len(header)}")
             else:
                 yield dict(zip(header, cells))
     return header, rows()
+
+
+def _swallows_rows(cells: list[str], n_fields: int, delimiter: str) -> bool:
+    """Whether a multi-line cell holds a line that is a whole row by itself: a quote opened by
+    mistake and closed lines later. A cell with line breaks of its own (an address, a name) is text."""
+    inner = [line for cell in cells if "\n" in cell or "\r" in cell for line in cell.splitlines()[1:]]
+    return any(len(next(csv.reader([line], delimiter=delimiter), [])) == n_fields for line in inner)
 
 
 def _jsonl_object(line: str):
@@ -107,23 +213,30 @@ def _jsonl_object(line: str):
     return {k: value_text(v) for k, v in obj.items()}
 
 
-def _jsonl_table(text):
-    lines = (line for line in text if line.strip())
-    first = next(lines, None)
+def _jsonl_table(lines: _Lines):
+    numbered = ((lines.count, line) for line in lines if line.strip())
+    first = next(numbered, None)
     if first is None:
         raise SourceError("the table is empty (no json lines)")
+    problem = lines.encoding_problem(first[0], first[0])
+    if problem:
+        raise SourceError(f"the first line: {problem}")
     try:
-        first_row = _jsonl_object(first)
+        first_row = _jsonl_object(first[1])
     except ValueError as exc:
         raise SourceError(f"the first line is not a JSON object: {exc}") from exc
 
     def rows():
         yield first_row
-        for line in lines:
+        for number, line in numbered:
+            problem = lines.encoding_problem(number, number)
+            if problem:
+                yield BadRow("row_encoding", problem)
+                continue
             try:
                 yield _jsonl_object(line)
             except ValueError as exc:
-                yield BadRow("row_malformed", f"not a JSON object: {exc}")
+                yield BadRow("row_malformed", f"line {number}: not a JSON object: {exc}")
     # Columns come from the first object; keys other rows add still reach provenance.
     return list(first_row), rows()
 
@@ -144,11 +257,15 @@ def _parquet_rows(parquet):
 
 
 class TableSource(Source):
-    """Options: image_column, lat_column, lon_column, id_column, format (csv/tsv/parquet/jsonl)."""
+    """Options: image_column, lat_column, lon_column, id_column, format (csv/tsv/parquet/jsonl),
+    encoding (csv/tsv/jsonl; default utf-8)."""
     kind = "table"
 
     def _format(self) -> str:
         return table_format(self.location, self.options.get("format"))
+
+    def _encoding(self) -> str:
+        return self.options.get("encoding") or "utf-8"
 
     def columns(self, names: list[str]) -> Columns:
         where = f"table {self.location}"
@@ -158,7 +275,7 @@ class TableSource(Source):
         opt = self.options.get
         id_column = opt("id_column")
         if id_column and id_column not in names:
-            raise SourceError(f"{where}: id_column={id_column!r} is not a column; columns: {names}")
+            raise SourceError(f"{where}: --id-column {id_column!r} is not a column; columns: {names}")
         if not id_column:
             lowered = {n.strip().lower(): n for n in names}
             id_column = next((lowered[c] for c in ID_COLUMNS if c in lowered), None)
@@ -170,10 +287,11 @@ class TableSource(Source):
 
     def check(self):
         fmt = self._format()
+        check_encoding(self._encoding())
         if not FileSystems.exists(self.location):
             raise SourceError(f"table file does not exist: {self.location}")
         try:
-            with open_table(self.location, fmt) as (names, _rows):
+            with open_table(self.location, fmt, self._encoding()) as (names, _rows):
                 pass
         except SourceError as exc:
             raise SourceError(f"table {self.location}: {exc}") from None
@@ -181,6 +299,22 @@ class TableSource(Source):
             raise SourceError(f"cannot read {fmt} table {self.location}: "
                               f"{type(exc).__name__}: {exc}") from exc
         self.columns(names)
+
+    def is_url_table(self, rows: int = 100) -> bool:
+        """Whether the table's images are URLs: every non-empty image cell of its first `rows`
+        rows is one (`mg-geo build` then downloads it by default). A mixed table is not."""
+        seen = 0
+        with open_table(self.location, self._format(), self._encoding()) as (names, parsed):
+            column = self.columns(names).image
+            for row in parsed:
+                image = "" if isinstance(row, BadRow) else row.get(column, "").strip()
+                if image:
+                    if not is_url(image):
+                        return False
+                    seen += 1
+                    if seen >= rows:
+                        break
+        return seen > 0
 
     def units(self):
         # One unit per table: rows are cheap (a path and two numbers); the work they cause is
@@ -201,7 +335,7 @@ class TableSource(Source):
         done = 0  # rows turned into records so far
         columns = None
         try:
-            with open_table(path, self._format()) as (names, rows):
+            with open_table(path, self._format(), self._encoding()) as (names, rows):
                 columns = self.columns(names)
                 for row in rows:
                     yield (columns, row, *self._row_record(columns, folder, done, row, used_ids))
