@@ -15,6 +15,7 @@ from pipeline.core.choice import pick
 from pipeline.core.stage import Stage
 
 DEFAULT_TEMPLATES = "prompts/meta/meta_qa.v1.json"
+META_TEMPLATES = {"v1": "prompts/meta/meta_qa.v1.json", "v2": "prompts/meta/meta_qa.v2.json"}  # --meta-templates
 
 
 def _dms_text(value: float, positive: str, negative: str) -> str:
