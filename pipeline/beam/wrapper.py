@@ -68,6 +68,9 @@ class _Tally:
                     kept.append(record)
             else:
                 kept.append(outcome)
+                label = stage.tally(outcome)
+                if label:
+                    self.counts.add("tally." + label)
         for name, n in (("in", len(records)), ("out", len(outcomes) - len(rejected)), ("rejected", len(rejected))):
             self.counts.add(name, n)
             self.local[name] += n

@@ -50,7 +50,7 @@ def register(sub) -> None:
     p.add_argument("--max-city-km", type=float, default=25.0,
                    help="the text names a city only within this distance of a place of the photo's own country, "
                         "'near' one up to twice it, none beyond (default 25)")
-    p.add_argument("--meta-templates", choices=("v1", "v2"), default="v1",
+    p.add_argument("--meta-templates", choices=("v1", "v2"), default="v2",
                    help="Meta part templates: v2 (varied single- and multi-turn, default) or v1 (four fixed turns)")
     p.add_argument("--coast-km", type=float, default=25.0,
                    help="points outside every country polygon take the nearest one within this distance (default 25)")
