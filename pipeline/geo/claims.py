@@ -40,3 +40,14 @@ def finer(level: str, steps: int = 1) -> str:
     """The level `steps` below `level` ("none" -> "country"), capped at city."""
     order = ("none",) + LEVELS
     return order[min(len(order) - 1, order.index(level if level in order else "none") + steps)]
+
+
+def truth_view(location: dict) -> dict:
+    """The location as the Dialogue part and its simulated user see it: admin1 and city replaced by
+    the claimed region and city (a city only "near" is no city), admin2 dropped (it is
+    reverse_geocoder's and may lie across a border); the truth_* fields kept."""
+    claim = claims(location)
+    return {**(location or {}), "admin1": claim["region"],
+            "city": claim["city"] if claim["level"] == "city" else "", "admin2": "",
+            "truth_level": claim["level"] if claim["level"] != "none" else "country",
+            "truth_region": claim["region"], "truth_city": claim["city"], "truth_city_near": claim["city_near"]}
