@@ -24,6 +24,8 @@ cover the protocol-level failures; these are answers only the pipeline's filters
     schema          a JSON object the request's schema rejects
     few_clues       a schema-valid clue answer with a single clue        (clue: too_few_clues)
     wrong_country   a schema-valid clue answer for another country       (clue: wrong_country)
+    overclaim       a clue answer whose clues are all about the country but whose summary names
+                    the town                                            (clue: claim_beyond_evidence)
     miss_truth      a revision that stays on the wrong country (dialogue: revision_missed_truth)
 """
 from __future__ import annotations
@@ -42,7 +44,7 @@ GUESS_KINDS = ("wrong_country", "country_only", "city")
 # when it is known; the first that differs is used).
 WRONG_COUNTRIES = ("Iceland", "Mongolia", "Bhutan")
 REFUSAL = "I'm sorry, but I can't help with identifying where this photo was taken."
-MISBEHAVIOURS = ("refuse", "schema", "few_clues", "wrong_country", "miss_truth")
+MISBEHAVIOURS = ("refuse", "schema", "few_clues", "wrong_country", "miss_truth", "overclaim")
 
 
 def request_kind(prompt: str) -> str:
@@ -103,8 +105,9 @@ def clue_answer(truth: dict) -> dict:
              "evidence": "grey concrete utility poles carrying low-voltage cables",
              "implies": "the power distribution style of this country", "level": "country"},
         ],
+        # The finest clue is about the region: the summary names the region, never the town.
         "reasoning": ("The signage, the roadside planting and the utility poles fit together. "
-                      f"Taken together they point to {place(truth)}."),
+                      f"Taken together they point to {place({**truth, 'city': None})}."),
         "country": country,
     }
 
@@ -188,6 +191,13 @@ class SmartResponder:
                 other = wrong_country(truth)
                 answer["country"] = other
                 answer["reasoning"] = f"The signage and the planting point to {other}."
+            return answer
+        if how == "overclaim" and kind == "clue":
+            truth = clue_truth(prompt)
+            answer = clue_answer(truth)
+            for clue in answer["clues"]:
+                clue["level"] = "country"
+            answer["reasoning"] = f"Taken together the clues point to {place(truth)}."
             return answer
         if how == "miss_truth" and kind == "revision":
             truth = revision_truth(prompt)

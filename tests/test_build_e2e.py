@@ -65,6 +65,10 @@ def test_every_input_ends_in_exactly_one_place(built, exif_samples):
         assert got == expected == report["inputs"][spec], spec
     assert report["conservation_ok"] and all(v["ok"] for v in report["conservation"].values())
     assert report["inputs_total"] == len(manifest) + len(ledger)
+    # The Meta part's turn structures (v2): counted per structure, shares summing to one.
+    structures = report["meta_structures"]
+    assert structures and sum(v["samples"] for v in structures.values()) >= sum(1 for r in manifest if r["part"] == "meta")
+    assert abs(sum(v["share"] for v in structures.values()) - 1) < 0.01
 
 
 def test_the_build_leaves_only_its_outputs(built):

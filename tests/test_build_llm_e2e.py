@@ -274,14 +274,15 @@ def test_llm_shards_open_with_plain_webdataset(clean):
             for field in ("messages", "prompt_version", "schema_version", "backend", "model", "params", "usage"):
                 assert field in sample, (part, field)
             assert sample["backend"] == "openai" and sample["model"] == "fake-vlm"
-            assert sample["prompt_version"] == f"{part}/v1"
-            assert sample["schema_version"] == ("clue-schema/v1" if part == "clue" else "prediction-schema/v1")
+            assert sample["prompt_version"] == f"{part}/v2"
+            assert sample["schema_version"] == ("clue-schema/v2" if part == "clue" else "prediction-schema/v1")
             assert sample["params"] == {"max_tokens": 512, "seed": 0, "temperature": 0.0}
             assert sample["usage"]["requests"] >= 1 and sample["usage"]["prompt_tokens"] > 0
             messages = sample["messages"]
             roles = [m["role"] for m in messages]
             assert roles == ["user", "assistant"] * (len(messages) // 2) and len(messages) >= 2
             assert messages[0]["content"][0] == {"type": "image"}
+            _final_answer_line_is_the_truth(part, sample, body)
             if part == "clue":
                 assert len(sample["clues"]) >= 2 and sample["country"] == body["location"]["country"]
                 assert "train" not in messages[1]
@@ -296,6 +297,26 @@ def test_llm_shards_open_with_plain_webdataset(clean):
                 assert "train" not in first_answer
             assert "train" not in messages[-1]  # the final answer is always trained on
     assert wrong_first and right_first
+
+
+def _final_answer_line_is_the_truth(part: str, sample: dict, body: dict) -> None:
+    """The last assistant answer's line (pipeline.evaluate.answer_line) reads back to the record's
+    truth (pipeline.geo.claims), no finer than the sample's evidence, with the photo's coordinates."""
+    from pipeline.evaluate.answer_line import parse_answer
+    from pipeline.geo.claims import claims
+    from pipeline.geo.places import haversine_km
+    from pipeline.stages.quality import fold
+
+    claim = claims(body["location"])
+    parsed = parse_answer(sample["messages"][-1]["content"][0]["text"])
+    assert parsed and fold(parsed["country"]) == fold(claim["country"]), (part, parsed, claim)
+    for level in ("region", "city"):
+        if parsed.get(level):
+            assert fold(parsed[level]) == fold(claim[level]), (part, level, parsed, claim)
+    if part == "clue":  # the responder's finest clue is about the region: no town in the answer
+        assert "city" not in parsed and sample["answer_level"] == "region"
+        assert fold(parsed.get("region")) == fold(claim["region"])
+    assert haversine_km(parsed["lat"], parsed["lon"], body["lat"], body["lon"]) < 20
 
 
 def test_api_key_leaks_nowhere(clean):

@@ -105,18 +105,18 @@ def answer_for(scenarios: dict):
 
 def test_prompt_sets_and_schemas_load_with_their_versions():
     clue = load_prompt_set("clue")
-    assert clue.version == "clue/v1"
+    assert clue.version == "clue/v2"
     assert {"request", "answer"} <= set(clue.templates) and len(clue.phrasing_lines("questions")) >= 3
     assert "Where was this photo taken, and why?" in clue.phrasing_lines("questions")
     dialogue = load_prompt_set("dialogue")
-    assert dialogue.version == "dialogue/v1"
+    assert dialogue.version == "dialogue/v2"
     for name in ("turn_hint", "turn_correction", "turn_choice", "turn_finer", "turn_why", "questions"):
         assert dialogue.phrasing_lines(name)
-    assert load_schema("clue").version == "clue-schema/v1"
+    assert load_schema("clue").version == "clue-schema/v2"
     assert load_schema("prediction").version == "prediction-schema/v1"
     # the header is a Jinja comment: it never reaches the rendered prompt
-    text = clue.render("request", continent="Europe", country="Ukraine", admin1="Lviv", admin2="",
-                       city="L'viv", place="L'viv, Ukraine")
+    text = clue.render("request", continent="Europe", country="Ukraine", region="Lviv", city="L'viv",
+                       city_near=False, city_km="3", place="L'viv, Ukraine")
     assert "version" not in text and "Country: Ukraine" in text and "District" not in text
 
 
@@ -124,7 +124,7 @@ def test_data_files_are_found_from_any_working_directory(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     load_prompt_set.cache_clear()
     load_schema.cache_clear()
-    assert load_prompt_set("clue").version == "clue/v1"
+    assert load_prompt_set("clue").version == "clue/v2"
     assert load_schema("clue").schema["properties"]["clues"]["items"]["properties"]["category"]["enum"]
 
 
@@ -143,7 +143,7 @@ def test_data_files_are_found_in_an_installed_layout(monkeypatch, tmp_path):
     load_prompt_set.cache_clear()
     load_schema.cache_clear()
     try:
-        assert load_prompt_set("dialogue").version == "dialogue/v1"
+        assert load_prompt_set("dialogue").version == "dialogue/v2"
         assert load_schema("prediction").version == "prediction-schema/v1"
     finally:
         load_prompt_set.cache_clear()
@@ -240,8 +240,8 @@ def test_good_answers_become_samples_in_one_batched_call(jpeg):
     request = backend.batches[0][0]
     assert request.image_jpeg == jpeg and request.image_sha256 == hashlib.sha256(jpeg).hexdigest()
     assert request.image_sha256 != records[0].image["sha256"]
-    assert request.schema_name == "clue" and request.schema_version == "clue-schema/v1"
-    assert request.prompt_version == "clue/v1" and request.params == {"max_tokens": 800, "seed": 7, "temperature": 0.2}
+    assert request.schema_name == "clue" and request.schema_version == "clue-schema/v2"
+    assert request.prompt_version == "clue/v2" and request.params == {"max_tokens": 800, "seed": 7, "temperature": 0.2}
     prompt = request.messages[0]["content"][1]["text"]
     assert request.messages[0]["content"][0] == {"type": "image"}
     for truth in ("Europe", "Ukraine", "Lviv", "L'viv"):
@@ -251,10 +251,10 @@ def test_good_answers_become_samples_in_one_batched_call(jpeg):
     assert user["role"] == "user" and user["content"][0] == {"type": "image"}
     assert user["content"][1]["text"] in load_prompt_set("clue").phrasing_lines("questions")
     text = assistant["content"][0]["text"]
-    assert "Cyrillic letters" in text and text.rstrip().endswith("Answer: L'viv, Ukraine.")
+    assert "Cyrillic letters" in text and text.rstrip().endswith("Answer: L'viv, Lviv, Ukraine (49.8397, 24.0297)")
     assert "train" not in assistant
     assert [c["category"] for c in sample["clues"]] == ["script_language_signs", "architecture", "infrastructure"]
-    assert sample["prompt_version"] == "clue/v1" and sample["schema_version"] == "clue-schema/v1"
+    assert sample["prompt_version"] == "clue/v2" and sample["schema_version"] == "clue-schema/v2"
     assert sample["backend"] == "fake" and sample["model"] == "fake-vlm-1"
     assert sample["params"] == {"max_tokens": 800, "seed": 7, "temperature": 0.2}
     assert sample["usage"] == {"prompt_tokens": 120, "completion_tokens": 40, "requests": 1}
@@ -360,7 +360,7 @@ def test_stage_needs_options_or_backend_and_pickles_without_a_made_backend():
     assert stage.params == {"max_tokens": 512, "seed": 3, "temperature": 0.0}
     stage._backend = object()  # as if setup() had made one
     clone = pickle.loads(pickle.dumps(stage))
-    assert clone.backend is None and clone.prompts.version == "clue/v1"
+    assert clone.backend is None and clone.prompts.version == "clue/v2"
 
 
 def test_place_text_skips_empty_and_repeated_levels():

@@ -284,11 +284,11 @@ def test_every_sample_records_how_it_was_made(jpeg):
     assert rejected == [] and [len(b) for b in backend.batches] == [4, 4, 4]
     guess = backend.batches[0][0]
     assert guess.schema_name == "prediction" and guess.schema_version == "prediction-schema/v1"
-    assert guess.prompt_version == "dialogue/v1" and guess.messages[0]["content"][0] == {"type": "image"}
+    assert guess.prompt_version == "dialogue/v2" and guess.messages[0]["content"][0] == {"type": "image"}
     assert "Ukraine" not in prompt_of(guess) and "Lviv" not in prompt_of(guess)     # the guess is blind
     for record in kept.values():
         sample = record.dialogue
-        assert sample["prompt_version"] == "dialogue/v1" and sample["schema_version"] == "prediction-schema/v1"
+        assert sample["prompt_version"] == "dialogue/v2" and sample["schema_version"] == "prediction-schema/v1"
         assert sample["backend"] == "fake" and sample["model"] == "fake-vlm-1"
         assert sample["params"] == {"max_tokens": 400, "seed": 1, "temperature": 0.3}
         assert sample["usage"] == {"prompt_tokens": 300, "completion_tokens": 90, "requests": 3}

@@ -16,7 +16,9 @@ from pipeline.core.stage import run_stage
 
 LOCATION_KEYS = {"continent", "country_code", "country", "sovereign_code", "sovereign", "admin1",
                  "admin2", "city", "city_id", "place_lat", "place_lon", "place_distance_km",
-                 "nearest_country_code", "country_source", "country_disagreement"}
+                 "nearest_country_code", "country_source", "country_disagreement",
+                 "truth_region", "truth_city", "truth_city_near", "truth_place_km", "truth_place_lat",
+                 "truth_place_lon", "truth_level", "names_version"}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,8 @@ def test_canadian_border_town_keeps_polygon_country_and_flags_disagreement(stage
     assert loc["country_code"] == "CA" and loc["country"] == "Canada"
     assert loc["country_source"] == "polygon" and loc["country_disagreement"] is True
     assert loc["city_id"].endswith("_Michigan_US")  # the place label stays reverse_geocoder's
+    # ... but the truth the text claims is Canadian: an Ontario town, never Michigan or Detroit.
+    assert loc["truth_region"] == "Ontario" and loc["truth_city"] not in ("", city)
 
 
 @pytest.mark.parametrize("lat, lon", [(-30.0, -140.0), (0.0, 0.0)])

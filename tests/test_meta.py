@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pipeline.stages.meta import MetaStage
+from pipeline.stages.meta import META_TEMPLATES, MetaStage
+
+V1 = META_TEMPLATES["v1"]
 from pipeline.core.record import Record, Reject, make_key
 from pipeline.core.stage import run_stage
 
@@ -17,7 +19,7 @@ def _record(i: int, **loc) -> Record:
 
 
 def test_meta_sample_is_chat_format_with_the_hierarchy():
-    stage = MetaStage()
+    stage = MetaStage(templates=V1)
     kept, rejected = run_stage(stage, [_record(1)])
     assert not rejected
     meta = kept[0].meta
@@ -35,7 +37,7 @@ def test_meta_sample_is_chat_format_with_the_hierarchy():
 
 def test_missing_admin1_drops_the_region_question_and_southern_west_coordinates_read_right():
     record = _record(2, admin1="").replace(lat=-33.9, lon=-70.6)
-    meta = run_stage(MetaStage(), [record])[0][0].meta
+    meta = run_stage(MetaStage(templates=V1), [record])[0][0].meta
     assert "region" not in [q["level"] for q in meta["qa"]]
     last_answer = meta["messages"][-1]["content"][0]["text"]
     assert "33.9000° S" in last_answer or "-33.9000" in last_answer
@@ -43,8 +45,8 @@ def test_missing_admin1_drops_the_region_question_and_southern_west_coordinates_
 
 def test_phrasing_is_deterministic_and_varied():
     records = [_record(i) for i in range(200)]
-    first = [r.meta["messages"][0]["content"][1]["text"] for r in run_stage(MetaStage(), records)[0]]
-    again = [r.meta["messages"][0]["content"][1]["text"] for r in run_stage(MetaStage(), records)[0]]
+    first = [r.meta["messages"][0]["content"][1]["text"] for r in run_stage(MetaStage(templates=V1), records)[0]]
+    again = [r.meta["messages"][0]["content"][1]["text"] for r in run_stage(MetaStage(templates=V1), records)[0]]
     assert first == again
     assert len(Counter(first)) == 4 and min(Counter(first).values()) > 20
 

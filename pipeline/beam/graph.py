@@ -23,7 +23,7 @@ from pipeline.io.sources import Source
 from pipeline.io.stash import BundleStash, unstash
 from pipeline.stages.geocode import GeocodeStage
 from pipeline.stages.image import ImageStage
-from pipeline.stages.meta import MetaStage
+from pipeline.stages.meta import META_TEMPLATES, MetaStage
 from pipeline.stages.read import ReadStage
 from pipeline.stages.validate import ValidateStage
 
@@ -140,13 +140,13 @@ def record_stages(config):
     stages = [
         ReadStage(),
         ValidateStage(),
-        GeocodeStage(max_place_km=config.max_place_km, coast_km=config.coast_km),
+        GeocodeStage(max_place_km=config.max_place_km, coast_km=config.coast_km, max_city_km=config.max_city_km),
         ImageStage(max_side=config.max_side, copy_jpeg=config.copy_jpeg),
     ]
     # Meta needs nothing that dedupe or split decide, so it runs here, before the record is
     # stashed: the thin copies that flow on then never need the whole record back before the writer.
     if "meta" in config.parts:
-        stages.append(MetaStage())
+        stages.append(MetaStage(templates=META_TEMPLATES[config.meta_templates]))
     return stages
 
 

@@ -32,6 +32,8 @@ class BuildConfig:
     copy_jpeg: bool = True  # JPEGs that need no change keep their own data (pipeline.stages.jpeg_copy)
     max_place_km: float = 50.0
     coast_km: float = 25.0
+    max_city_km: float = 25.0
+    meta_templates: str = "v2"
     dedupe_radius: int = 4
     split_ratios: tuple[float, float, float] = (0.90, 0.05, 0.05)
     split_link_km: float = 1.0

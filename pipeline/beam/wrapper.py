@@ -115,6 +115,9 @@ class _Tally:
                     kept.append(record)
             else:
                 kept.append(outcome)
+                label = stage.tally(outcome)
+                if label:
+                    self.counts.add("tally." + label)
         live = LIVE_COUNTS.setdefault(stage.name, {"in": 0, "out": 0, "rejected": 0})
         for name, n in (("in", len(records)), ("out", len(outcomes) - len(rejected)), ("rejected", len(rejected))):
             self.counts.add(name, n)

@@ -51,6 +51,11 @@ def register(sub) -> None:
                         "metadata removed, so it loses nothing)")
     p.add_argument("--max-place-km", type=finite(0, inclusive=False), default=50.0,
                    help="reject points farther than this from any geocoder place and from land (default 50)")
+    p.add_argument("--max-city-km", type=finite(0, inclusive=False), default=25.0,
+                   help="the text names a city only within this distance of a place of the photo's own country, "
+                        "'near' one up to twice it, none beyond (default 25)")
+    p.add_argument("--meta-templates", choices=("v1", "v2"), default="v2",
+                   help="Meta part templates: v2 (varied single- and multi-turn, default) or v1 (four fixed turns)")
     p.add_argument("--coast-km", type=finite(0), default=25.0,
                    help="points outside every country polygon take the nearest one within this distance (default 25)")
     p.add_argument("--dedupe-radius", type=int_between(0, 63), default=4, help="perceptual-hash Hamming radius for near duplicates (default 4)")
@@ -102,7 +107,8 @@ def config_from_args(args):
     return BuildConfig(
         sources=args.source, out=args.out.rstrip("/") or "/", parts=args.parts, max_side=args.max_side,
         copy_jpeg=not args.reencode_jpeg,
-        max_place_km=args.max_place_km, coast_km=args.coast_km, dedupe_radius=args.dedupe_radius,
+        max_place_km=args.max_place_km, coast_km=args.coast_km, max_city_km=args.max_city_km,
+        meta_templates=args.meta_templates, dedupe_radius=args.dedupe_radius,
         split_ratios=args.split_ratios, split_link_km=args.split_link_km,
         limits=ShardLimits(args.shard_max_samples, args.shard_max_bytes, min_shards=args.shard_min_count),
         source_options=source_options, overwrite=args.overwrite, lvlm_args=args)

@@ -41,6 +41,11 @@ class Stage:
         when read, the stats). The build keeps each identity's latest. Most stages: None."""
         return None
 
+    def tally(self, record: Record) -> Optional[str]:
+        """A label to count for a record this stage kept (the Meta part's turn structure), summed
+        per stage into report.json's stage counters as "tally.<label>". Most stages: None."""
+        return None
+
     def process(self, record: Record) -> Outcome:
         raise NotImplementedError
 

@@ -8,7 +8,9 @@ asked for the prediction schema answers JSON. Both are accepted:
 
 - names run from the finest level to the country; levels the model does not claim are left out
   from the fine end ("Answer: France", "Answer: Bavaria, Germany"), or left empty / "?" / "-"
-  in place ("Answer: Lyon, , France");
+  in place ("Answer: Lyon, , France"); the corpus itself (format_answer_line) always writes the
+  unambiguous forms: "Answer: France", "Answer: -, Bavaria, Germany", "Answer: Lyon, , France",
+  "Answer: Lyon, Auvergne-Rhone-Alpes, France", each with "(lat, lon)" where it gives coordinates;
 - three names are city, region, country; one is the country; with two, the first is the region
   when it carries a region word ("Lviv Oblast", "Province of Cuenca"), otherwise the city
   (the corpus' own answers drop a region that repeats the city: "Tokyo, Japan");
@@ -101,16 +103,31 @@ def parse_answer(text: Optional[str]) -> Optional[dict]:
     return None
 
 
-def format_answer_line(prediction: dict) -> str:
+def format_answer_line(prediction: dict, decimals: int = 4) -> str:
     """The answer line for a prediction dict (levels it does not name are left out), so what chat
-    prints can be read back by parse_answer_line."""
-    city, region, country = (str(prediction.get(k) or "").strip() for k in ("city", "region", "country"))
+    prints and what every corpus answer ends with can be read back by parse_answer_line."""
+    # A comma inside a name ("Southern Nations, Nationalities, and People's Region") would split it.
+    city, region, country = (" ".join(str(prediction.get(k) or "").replace(",", " ").split())
+                             for k in ("city", "region", "country"))
     if city and not region:
         names = [city, "", country]
+    elif region and not city and country:
+        names = ["-", region, country]  # two names would read as city, country
     else:
         names = [n for n in (city, region, country) if n]
     text = "Answer: " + ", ".join(names) if country else "Answer: " + ", ".join(n for n in names if n)
     lat, lon = prediction.get("lat"), prediction.get("lon")
     if isinstance(lat, (int, float)) and isinstance(lon, (int, float)):
-        text += f" ({lat:.4f}, {lon:.4f})"
+        text += f" ({lat:.{decimals}f}, {lon:.{decimals}f})"
     return text
+
+
+def truth_answer_line(location: dict, lat, lon, level: str = "city") -> str:
+    """The answer line a corpus sample ends with: the record's truth (pipeline.geo.claims) cut to
+    `level` (no finer than the truth itself), with the photo's coordinates at that level's precision."""
+    from pipeline.geo.claims import COORD_DECIMALS, at_level, claims
+
+    claim = claims(location)
+    names = at_level(claim, level)
+    reached = "city" if names["city"] else "region" if names["region"] else "country"
+    return format_answer_line({**names, "lat": lat, "lon": lon}, COORD_DECIMALS[reached])

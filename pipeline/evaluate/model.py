@@ -15,13 +15,19 @@ from pipeline.lvlm.types import LvlmBackend, LvlmRequest, LvlmResult
 SCHEMA_FILE = "schemas/prediction.schema.json"
 SCHEMA_NAME = "prediction"
 # Part of every request's cache key: change a wording below => bump the version.
-PROMPT_VERSION = "geolocate/v1"
+PROMPT_VERSION = "geolocate/v2"
+# The answer format every corpus answer ends with (pipeline.evaluate.answer_line): a model trained on
+# the corpus answers in it; JSON (the prediction schema, which backends may still ask for) is accepted too.
+ANSWER_FORMAT = ("End your reply with one final line in this format: "
+                 "Answer: <city>, <region>, <country> (<lat>, <lon>) - leave out the levels you cannot "
+                 "tell, from the city end, e.g. \"Answer: -, Bavaria, Germany (48.1, 11.6)\" or "
+                 "\"Answer: Germany (51.2, 10.4)\".")
 QUESTION = ("Where was this photo taken? Look for clues in the image (landscape, vegetation, climate, "
             "architecture, road markings, signs and their script, vehicles, people) and give your best "
             "guess of the country, the region (state or province), the city or nearest town and the GPS "
-            "coordinates, with your confidence from 0 to 1 and a short reasoning.")
+            "coordinates, with your confidence from 0 to 1 and a short reasoning. " + ANSWER_FORMAT)
 REVISE = ("\n\nTake this into account and give your revised guess: country, region, city, coordinates, "
-          "confidence and reasoning.")
+          "confidence and reasoning. " + ANSWER_FORMAT)
 
 
 def prediction_schema() -> tuple[dict, str]:

@@ -132,3 +132,75 @@ def offset_point(lat: float, lon: float, north_km: float, east_km: float) -> tup
     dlat = math.degrees(north_km / EARTH_RADIUS_KM)
     dlon = math.degrees(east_km / (EARTH_RADIUS_KM * max(math.cos(math.radians(lat)), 1e-6)))
     return lat + dlat, ((lon + dlon + 180.0) % 360.0) - 180.0
+
+
+def unit_vectors(lats, lons) -> np.ndarray:
+    """Points on the unit sphere (n, 3): nearest neighbours there wrap at the antimeridian and
+    agree at the poles, unlike nearest neighbours in (lat, lon) degrees."""
+    phi = np.radians(np.asarray(lats, dtype=np.float64))
+    lam = np.radians(np.asarray(lons, dtype=np.float64))
+    return np.column_stack([np.cos(phi) * np.cos(lam), np.cos(phi) * np.sin(lam), np.sin(phi)])
+
+
+def chord_to_km(chord) -> np.ndarray:
+    """Straight-line distance between unit vectors -> great-circle km."""
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.clip(np.asarray(chord, dtype=np.float64) / 2, 0.0, 1.0))
+
+
+class CountryPlaces:
+    """Nearest place among the places of given countries (GeoNames codes), on the sphere.
+
+    One KD tree of unit vectors per country code plus one over all places. The geocode stage asks
+    "the nearest place of the record's country", so a region or city never comes from across a
+    border, and a point at lon -180 gets the same answer as its twin at +180."""
+
+    def __init__(self, table: PlaceTable):
+        self.table = table
+        xyz = unit_vectors(table.coords[:, 0], table.coords[:, 1])
+        codes = np.array([p.cc or "" for p in table.rows])
+        self.world = cKDTree(xyz)
+        self.trees: dict = {}
+        order = np.argsort(codes, kind="stable")
+        sorted_codes = codes[order]
+        starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]) if len(codes) else []
+        bounds = list(starts) + [len(codes)]
+        for a, b in zip(bounds, bounds[1:]):
+            idx = order[a:b]
+            self.trees[str(sorted_codes[a])] = (cKDTree(xyz[idx]), idx)
+
+    def nearest_any(self, lats, lons) -> tuple[np.ndarray, np.ndarray]:
+        """(place index, km) of the nearest place of any country, antimeridian-aware."""
+        chord, idx = self.world.query(unit_vectors(lats, lons), k=1)
+        return np.asarray(idx, dtype=np.int64), chord_to_km(chord)
+
+    def nearest_in(self, lats, lons, codes: list) -> tuple[np.ndarray, np.ndarray]:
+        """Per point i, (place index, km) of the nearest place whose code is in codes[i] (a tuple);
+        (-1, inf) when those countries have no places. Points sharing a code set share queries."""
+        lats = np.asarray(lats, dtype=np.float64)
+        lons = np.asarray(lons, dtype=np.float64)
+        n = len(lats)
+        best = np.full(n, -1, dtype=np.int64)
+        best_km = np.full(n, np.inf)
+        xyz = unit_vectors(lats, lons)
+        groups: dict = {}
+        for i, cs in enumerate(codes):
+            groups.setdefault(tuple(cs), []).append(i)
+        for cs, members in groups.items():
+            members = np.asarray(members, dtype=np.int64)
+            for code in cs:
+                entry = self.trees.get(code)
+                if entry is None:
+                    continue
+                tree, idx = entry
+                chord, j = tree.query(xyz[members], k=1)
+                km = chord_to_km(chord)
+                better = km < best_km[members]
+                best_km[members[better]] = km[better]
+                best[members[better]] = idx[np.asarray(j)[better]]
+        return best, best_km
+
+
+@functools.lru_cache(maxsize=1)
+def load_country_places() -> CountryPlaces:
+    """One per process, over the shared table (a fraction of a second to build)."""
+    return CountryPlaces(load_places())

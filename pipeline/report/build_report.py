@@ -117,5 +117,15 @@ def build_report(config, metrics: dict) -> dict:
         "conservation": cons,
         "conservation_ok": all(v["ok"] for v in cons.values()),
         "label_agreement": label_agreement(labelled),
+        "meta_structures": _tallies(metrics.get("meta", {})),
         "stages": metrics,
     }
+
+
+def _tallies(counters: dict) -> dict:
+    """A stage's "tally.<label>" counters (Stage.tally: the Meta part's turn structures) as
+    {label: {"samples": n, "share": fraction}}, most frequent first."""
+    counts = {name[len("tally."):]: int(n) for name, n in counters.items() if name.startswith("tally.")}
+    total = sum(counts.values()) or 1
+    return {label: {"samples": n, "share": round(n / total, 4)}
+            for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}

@@ -16,7 +16,9 @@ import uuid
 from typing import Optional
 
 from pipeline.core.prompt_files import Schema, load_prompt_set, load_schema
-from pipeline.stages.quality import ClueThresholds, check_clue_answer, country_names, fold
+from pipeline.evaluate.answer_line import truth_answer_line
+from pipeline.geo.claims import claims
+from pipeline.stages.quality import ClueThresholds, check_claims, check_clue_answer, country_names, fold, supported_level
 from pipeline.core.record import Record, Reject
 from pipeline.core.choice import pick
 from pipeline.stages.selection import Selection
@@ -35,6 +37,18 @@ def place_text(location: dict, levels: tuple = ("city", "admin1", "country")) ->
         if value and fold(value) not in {fold(v) for v in out}:
             out.append(value)
     return ", ".join(out)
+
+
+def claim_text(claim: dict) -> str:
+    """The claimed truth in words ('Lyon, Rhone-Alpes, France'; 'Rhone-Alpes, France' when the
+    town is only near)."""
+    return place_text({"city": "" if claim["city_near"] else claim["city"], "admin1": claim["region"],
+                       "country": claim["country"]})
+
+
+def _city_km(location: dict) -> str:
+    km = location.get("truth_place_km")
+    return f"{km:.0f}" if isinstance(km, (int, float)) else "25"
 
 
 def user_message(text: str, image: bool = True) -> dict:
@@ -212,11 +226,11 @@ class ClueStage(LvlmPartStage):
         requests = []
         for i in todo:
             record = records[i]
-            loc = record.location
+            claim = claims(record.location)
             text = self.prompts.render(
-                "request", continent=loc.get("continent") or "", country=loc.get("country") or "",
-                admin1=loc.get("admin1") or "", admin2=loc.get("admin2") or "", city=loc.get("city") or "",
-                place=place_text(loc))
+                "request", continent=claim["continent"], country=claim["country"], region=claim["region"],
+                city=claim["city"], city_near=claim["city_near"], city_km=_city_km(record.location),
+                place=claim_text(claim))
             requests.append(self.request(record, text, "clue"))
         for i, result in zip(todo, self.infer(requests)):
             outcomes[i] = self._safe_sample(records[i], result)
@@ -237,16 +251,22 @@ class ClueStage(LvlmPartStage):
         problem = check_clue_answer(parsed, record.location, self.names, self.thresholds)
         if problem:
             return problem
+        claim = claims(record.location)
+        problem = check_claims(parsed, claim)
+        if problem:
+            return problem
+        # The answer names the finest level the clues support, no finer (and no finer than the truth).
+        level = supported_level(parsed["clues"])
         clues = [{k: str(c.get(k) or "").strip() for k in ("category", "evidence", "implies", "level")}
                  for c in parsed["clues"]]
         question = self.prompts.phrase("questions", pick(record.key, "clue-question",
                                                           len(self.prompts.phrasing_lines("questions"))))
         answer = self.prompts.render("answer", clues=[_readable(c) for c in clues],
                                      reasoning=str(parsed.get("reasoning") or "").strip(),
-                                     place=place_text(record.location))
+                                     answer_line=truth_answer_line(record.location, record.lat, record.lon, level))
         sample = {"messages": [user_message(question), assistant_message(answer)],
                   "clues": clues, "reasoning": str(parsed.get("reasoning") or "").strip(),
-                  "country": str(parsed.get("country") or "").strip()}
+                  "country": str(parsed.get("country") or "").strip(), "answer_level": level}
         sample.update(self.provenance([result]))
         return record.replace(clue=sample)
 

