@@ -460,6 +460,28 @@ def test_failed_answers_are_ledger_rows_with_reason_and_part(faulted):
     assert set(rows) == expected_rows  # no other record lost a clue or dialogue sample
 
 
+def test_a_rerun_does_not_ask_again_where_the_answer_stayed_invalid(faulted, sources, api_key_env):
+    """Refusals and answers still invalid after the re-ask were paid for: the cache keeps them as
+    final failures, so a rerun into the same OUT (against a server that now answers everything)
+    sends none of those requests again and keeps their ledger rows; a request whose earlier
+    failure got no answer at all (retries exhausted, timeout) is asked again."""
+    final = {"refusal", "invalid_json", "schema_violation", "refusal_text"}
+    paid = {_signature(r) for r in faulted["requests"] if r.fault in final}
+    assert paid
+    with pytest.MonkeyPatch.context() as mp, \
+            FakeOpenAIServer(SmartResponder(), latency_s=0.0, api_key=SECRET) as server:
+        mp.setattr(openai_backend, "backoff_delay", fast_backoff)
+        rc, log, _ = run_cli(build_argv(sources, faulted["out"], server.base_url))
+        again = list(server.requests)
+    assert rc == 0, log[-3000:]
+    assert not paid & {_signature(r) for r in again}
+    reasons = Counter(r["reason"] for r in ledger(faulted["out"]) if r["part"])
+    assert reasons["refusal"] == 2 and reasons["invalid_json"] == 1 and reasons["schema_invalid"] == 1
+    report = json.loads((faulted["out"] / "report.json").read_text())
+    assert report["lvlm"]["cached_failures"] == 4  # those four, read back instead of asked
+    assert not reasons["retries_exhausted"] and not reasons["timeout"]  # asked again, answered now
+
+
 # --- killed mid-way, then resumed --------------------------------------------------------------------
 
 def _cli_process(argv: list, log_path: Path) -> subprocess.Popen:

@@ -244,6 +244,36 @@ def test_a_rerun_sends_zero_requests_for_answers_it_has(server, tmp_path, jpegs)
     again.close()
 
 
+def test_a_rerun_does_not_pay_again_for_answers_that_stayed_invalid(server, tmp_path, jpegs):
+    """Items 1 and 4 get an answer that is not valid for the schema on every ask (the first ask and
+    its re-ask): a final failure, paid for. The rerun reports the same failures from the cache and
+    sends nothing; --lvlm-retry-failed asks again. A transport failure is never stored."""
+    server.fault_plan = faults_by_marker({"item-1 ": ["schema_violation"] * 2, "item-4 ": ["schema_violation"] * 2,
+                                          "item-2 ": ["500"] * 3})
+    batch = [request(i, jpegs) for i in range(6)]
+    first = backend_for(server, tmp_path)
+    results = first.run_inference(batch)
+    first.close()
+    assert [r.ok for r in results] == [True, False, False, True, False, True]
+    assert results[1].reason == results[4].reason == "schema_invalid" and results[2].reason != "schema_invalid"
+
+    server.reset()
+    again = backend_for(server, tmp_path)
+    rerun = again.run_inference(batch)
+    again.close()
+    assert [(r.ok, r.reason) for r in rerun] == [(True, None), (False, "schema_invalid"), (True, None),
+                                                  (True, None), (False, "schema_invalid"), (True, None)]
+    assert rerun[1].cached and rerun[4].cached and not rerun[2].cached
+    assert server.count == 1  # only item 2, whose earlier failure got no answer
+    assert again.stats()["cached_failures"] == 2
+
+    server.reset()
+    retry = backend_for(server, tmp_path, retry_failed=True)
+    assert all(r.ok for r in retry.run_inference(batch))  # the server answers well now
+    retry.close()
+    assert server.count == 2  # items 1 and 4 asked again; the rest were cached answers
+
+
 def test_json_schema_400_falls_back_to_instructions_once(tmp_path, jpegs, caplog):
     caplog.set_level(logging.INFO)
     with FakeOpenAIServer(responder, reject_json_schema=True) as server:

@@ -99,3 +99,11 @@ def make_entry(model: str, request: LvlmRequest, params: dict, text: str, parsed
             "schema_name": request.schema_name, "schema_version": request.schema_version,
             "params": params, "image_sha256": request.image_sha256,
             "text": text, "parsed": parsed, "usage": usage}
+
+
+def make_failure_entry(model: str, request: LvlmRequest, params: dict, text: Optional[str], reason: str,
+                       detail: str, usage: dict) -> dict:
+    """What is stored for an answer that stayed invalid after the re-asks (or a refusal): it was
+    paid for, so a rerun gives the same failure instead of asking again, unless --lvlm-retry-failed.
+    Transport failures (timeouts, 5xx, dropped connections) got no answer and are never stored."""
+    return {**make_entry(model, request, params, text, None, usage), "failed": {"reason": reason, "detail": detail}}

@@ -21,7 +21,7 @@ from typing import Optional
 import openai
 
 from pipeline.lvlm.answers import Verdict, check_answer, reask_messages, schema_problem, with_instructions
-from pipeline.lvlm.cache import ResponseCache, cache_key, make_entry
+from pipeline.lvlm.cache import ResponseCache, cache_key, make_entry, make_failure_entry
 from pipeline.lvlm.options import LvlmOptions
 from pipeline.lvlm.retry import TokenBucket, backoff_delay, parse_retry_after
 from pipeline.lvlm.stats import LvlmStats
@@ -180,7 +180,12 @@ class OpenAIBackend(LvlmBackend):
             # A local miss is one stat() call: cheaper inline than a thread hop.
             entry = self._cache.get(key) if self._cache.is_local else \
                 await asyncio.get_running_loop().run_in_executor(None, self._cache.get, key)
-            if entry is not None and (request.schema is None or
+            failed = (entry or {}).get("failed")
+            if failed and not self.options.retry_failed:
+                self._stats.add("cached_failures")
+                return self._result(False, text=entry.get("text"), reason=failed.get("reason") or "invalid_answer",
+                                    detail=failed.get("detail") or "", usage=entry.get("usage") or {}, cached=True)
+            if entry is not None and not failed and (request.schema is None or
                                       (entry.get("parsed") is not None and not schema_problem(entry["parsed"], request.schema))):
                 self._stats.add("cache_hits")
                 return self._result(True, parsed=entry.get("parsed"), text=entry.get("text"),
@@ -219,6 +224,11 @@ class OpenAIBackend(LvlmBackend):
                 messages = reask_messages(messages, answer.text, verdict)
                 continue
             log.debug("LVLM %s rejected: %s %s", request.request_id, verdict.reason, verdict.detail)
+            if self._cache is not None:  # a final answer, paid for: a rerun does not ask again
+                entry = make_failure_entry(self.model, request, params, answer.text, verdict.reason,
+                                           verdict.detail, usage)
+                stored = await asyncio.get_running_loop().run_in_executor(None, self._cache.put, key, entry)
+                self._stats.add("cache_writes" if stored else "cache_write_errors")
             return self._result(False, text=answer.text, reason=verdict.reason, detail=verdict.detail,
                                 attempts=attempts, usage=usage)
         raise AssertionError("unreachable: the last ask always returns")

@@ -36,6 +36,7 @@ class LvlmOptions:
     max_tokens: int = 512
     seed: Optional[int] = 0
     reasks: int = 1                        # re-asks after an invalid / schema-invalid answer
+    retry_failed: bool = False             # ask again where the cache holds a final failure
     # Backoff between retries: full jitter, uniform(0, min(cap, base * 2**n)); Retry-After wins
     # (capped by retry_after_cap_s). Tests shrink these; production keeps the defaults.
     backoff_base_s: float = 0.5
@@ -112,6 +113,9 @@ def add_lvlm_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lvlm-seed", type=int, default=d["seed"].default)
     g.add_argument("--lvlm-reasks", type=int, default=d["reasks"].default,
                    help="re-asks after an answer that is not valid JSON for the schema")
+    g.add_argument("--lvlm-retry-failed", action="store_true",
+                   help="ask again for requests whose answer stayed invalid in an earlier run (the cache "
+                        "keeps such final failures, so by default a rerun does not pay for them twice)")
 
 
 def options_from_args(args: argparse.Namespace) -> LvlmOptions:
@@ -125,4 +129,5 @@ def options_from_args(args: argparse.Namespace) -> LvlmOptions:
         concurrency=args.lvlm_concurrency, rpm=args.lvlm_rpm, max_attempts=args.lvlm_max_attempts,
         timeout_s=args.lvlm_timeout, cache_dir=cache_dir, temperature=args.lvlm_temperature,
         max_tokens=args.lvlm_max_tokens, seed=args.lvlm_seed, reasks=args.lvlm_reasks,
+        retry_failed=args.lvlm_retry_failed,
     )

@@ -3,6 +3,7 @@
     items               requests given to run_inference (cache hits included)
     requests            HTTP requests sent / sequences generated (retries and re-asks included)
     ok, cache_hits      answers returned; of them, answers read from the cache
+    cached_failures     final failures of an earlier run read from the cache (not asked again)
     cache_writes        answers stored (cache_write_errors: could not be stored)
     reasks              re-asks after an invalid / schema-invalid answer
     response_format_refused  400s to response_format json_schema (openai backend)
@@ -25,7 +26,7 @@ from typing import Iterable
 
 _RATIO = 1.05
 _LOG_RATIO = math.log(_RATIO)
-COUNTERS = ("items", "requests", "ok", "cache_hits", "cache_writes", "cache_write_errors",
+COUNTERS = ("items", "requests", "ok", "cache_hits", "cached_failures", "cache_writes", "cache_write_errors",
             "reasks", "response_format_refused", "prompt_tokens", "completion_tokens")
 NESTED = ("retries_by_cause", "failures_by_reason")
 PERCENTILES = (50, 90, 99)

@@ -221,7 +221,7 @@ class TransformersBackend(LvlmBackend):
         if self._cache is None:
             return None
         entry = self._cache.get(key)
-        if entry is None:
+        if entry is None or entry.get("failed"):  # a final failure: this backend asks again
             return None
         parsed = entry.get("parsed")
         if request.schema is not None and (parsed is None or schema_problem(parsed, request.schema)):
