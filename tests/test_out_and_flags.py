@@ -127,3 +127,28 @@ def test_verbose_is_mg_geo_debug_not_beams(photos, tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert not [line for line in lines if " apache_beam." in line and (" DEBUG " in line or " INFO " in line)]
     assert len(lines) < 100, len(lines)
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_file(tmp_path):
+    """Ctrl-C in the middle of a build printed a long traceback and left OUT/_tmp behind. The
+    signal is sent once the job has stashed records (OUT/_tmp exists), so the build is mid-way."""
+    import time
+
+    from pipeline.io.sample_set import write_samples
+
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    write_samples(str(photos), 600, seed=3)
+    build = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "build", "--source", f"exif:{photos}",
+                              "--out", str(out)], env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "_tmp").exists() and build.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert build.poll() is None, "the build ended before it could be interrupted"
+    build.send_signal(signal.SIGINT)
+    _, stderr = build.communicate(timeout=120)
+    assert build.returncode == 130, stderr[-2000:]
+    ours = [line for line in stderr.splitlines() if line.startswith("mg-geo build:")]
+    assert len(ours) == 1 and "interrupted" in ours[0] and "Traceback" not in stderr, stderr[-3000:]
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == [".mg-geo"], left  # no half shard, no _tmp, no lock

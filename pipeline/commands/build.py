@@ -186,8 +186,10 @@ def run(args) -> int:
     except DownloadIncomplete as exc:
         return _fail(f"error: {exc} (run again to resume)", 1)
     except KeyboardInterrupt:
-        return _fail("interrupted; OUT/_tmp was removed, run again to build", 130)
+        return _interrupted()
     except Exception as exc:  # noqa: BLE001 - one line for the user, the traceback with -v
+        if isinstance(_root_cause(exc), KeyboardInterrupt):  # Beam wraps a Ctrl-C in its own error
+            return _interrupted()
         return _failed(exc)
     if report.get("dry_run"):
         print(json.dumps(report, indent=1))
@@ -196,6 +198,10 @@ def run(args) -> int:
                "rejected": report["rejected_total"], "conservation_ok": report["conservation_ok"]}
     print(json.dumps(summary, indent=1))
     return 0 if report["conservation_ok"] else 1
+
+
+def _interrupted() -> int:
+    return _fail("interrupted; OUT/_tmp was removed, run again to build", 130)
 
 
 def _failed(exc: BaseException) -> int:
