@@ -10,17 +10,7 @@ from pipeline.core.record import Record, Reject
 from pipeline.geo.names import clean_region, country_name
 from pipeline.geo.places import haversine_km, load_places
 from pipeline.stages.geocode import GeocodeStage
-
-
-@pytest.fixture(scope="module")
-def stage() -> GeocodeStage:
-    s = GeocodeStage()
-    s.setup()
-    return s
-
-
-def rec(lat, lon, name="p") -> Record:
-    return Record(key=name, source="test", input_id=name, lat=lat, lon=lon)
+from test_geocode import rec, stage  # noqa: F401 - the geocode stage fixture and a record maker
 
 
 def loc_of(stage, lat, lon) -> dict:
