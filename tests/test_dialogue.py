@@ -258,6 +258,23 @@ def test_a_revision_that_misses_the_truth_is_rejected(jpeg):
     assert kept[name].dialogue is None and kept["ok.jpg"].dialogue is not None
 
 
+def test_a_revision_that_names_a_finer_place_than_asked_is_rejected(jpeg):
+    """After "not Poland; it is in Europe" the revision may settle the country, not leap to the
+    city: a revision whose reasoning names the true city when the country was asked for claims
+    more than the evidence supports. The same reasoning is fine once the city is asked for."""
+    name = name_with_mode("correction", "o")
+
+    def leaping(request):
+        answer = truthful_revision(request, LVIV)
+        answer["reasoning"] = "The trams and the opera house say this is Lviv."
+        return answer
+    _, _, kept, rejected = run([make_record(name, jpeg), make_record("ok.jpg", jpeg)],
+                               {name: WRONG_COUNTRY, "ok.jpg": RIGHT_CITY}, revisions={name: leaping, "ok.jpg": leaping})
+    assert [(r.input_id, r.reason, r.part) for r in rejected] == [(name, "claim_beyond_evidence", "dialogue")]
+    assert "Lviv" in rejected[0].detail and "country" in rejected[0].detail
+    assert kept[name].dialogue is None and kept["ok.jpg"].dialogue is not None
+
+
 def test_backend_and_answer_failures_keep_their_reasons(jpeg):
     guesses = {"schema.jpg": result(ok=False, reason="schema_invalid", detail="lat: required"),
                "refused.jpg": result(ok=False, reason="refusal", detail="model refused"),
