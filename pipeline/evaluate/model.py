@@ -1,6 +1,7 @@
 """Asking an LVLM for a location, for `eval` and `chat` alike: the prompt, the request and turning
-the answer into a Prediction. Backends (pipeline.lvlm) own transport, retries, caching and JSON
-checking; they append the prediction schema's instructions to the last user turn themselves.
+the answer into a Prediction. The request asks for the corpus' answer line and sends no JSON
+schema (a schema would make a backend ask for JSON instead, or force it with structured output);
+a JSON answer is still read. Backends (pipeline.lvlm) own transport, retries and caching.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ SCHEMA_NAME = "prediction"
 # Part of every request's cache key: change a wording below => bump the version.
 PROMPT_VERSION = "geolocate/v2"
 # The answer format every corpus answer ends with (pipeline.evaluate.answer_line): a model trained on
-# the corpus answers in it; JSON (the prediction schema, which backends may still ask for) is accepted too.
+# the corpus answers in it; a JSON answer (schemas/prediction.schema.json's fields) is read too.
 ANSWER_FORMAT = ("End your reply with one final line in this format: "
                  "Answer: <city>, <region>, <country> (<lat>, <lon>) - leave out the levels you cannot "
                  "tell, from the city end, e.g. \"Answer: -, Bavaria, Germany (48.1, 11.6)\" or "
@@ -58,9 +59,9 @@ def revision_request_text(user_text: str) -> str:
 
 def make_request(messages: list[dict], jpeg: bytes, *, sampling: dict, request_id: str,
                  prompt_version: str = PROMPT_VERSION) -> LvlmRequest:
-    schema, version = prediction_schema()
+    _, version = prediction_schema()
     return LvlmRequest(messages=messages, image_jpeg=jpeg, image_sha256=LvlmRequest.sha256(jpeg),
-                       schema=schema, schema_name=SCHEMA_NAME, schema_version=version,
+                       schema=None, schema_name=SCHEMA_NAME, schema_version=version,
                        prompt_version=prompt_version, params=dict(sampling), request_id=request_id)
 
 
