@@ -148,3 +148,15 @@ def test_options_pickle_and_are_checked():
     assert (back.max_city_km, back.near_city_km, back.max_region_km) == (10.0, 20.0, 80.0)
     with pytest.raises(ValueError):
         GeocodeStage(max_city_km=10, near_city_km=5)
+
+
+def test_every_everyday_name_and_alias_is_understood_by_the_country_matcher():
+    """The corpus writes the names of prompts/names/ ("Chagos Islands", "Réunion", "DPRK"); the
+    matcher that scores answers (Clue quality, Dialogue, eval) read only Natural Earth's names."""
+    from pipeline.geo.names import country_aliases
+    from pipeline.stages.quality import country_names
+
+    matcher = country_names()
+    missed = [(code, name) for code, names in country_aliases().items() for name in names
+              if code not in matcher.codes(name)]
+    assert missed == []

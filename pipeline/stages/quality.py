@@ -150,6 +150,12 @@ class CountryNames:
                             names.setdefault(fold(value), set()).add(code)
         for alias, code in ALIASES.items():
             names.setdefault(fold(alias), set()).add(code)
+        # The everyday names and aliases the corpus' text uses (prompts/names/): a model trained on
+        # it says "Tanzania" or "Chagos Islands", and must be understood.
+        from pipeline.geo.names import country_aliases
+        for code, aliases in country_aliases().items():
+            for alias in aliases:
+                names.setdefault(fold(alias), set()).add(code)
         return cls(names, display, iso3)
 
     def codes(self, name: Optional[str]) -> set:
