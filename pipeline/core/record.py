@@ -40,6 +40,8 @@ class Record:
     provenance: dict = field(default_factory=dict)  # extra source columns, kept as text
     location: Optional[dict] = None  # geocode stage output
     image: Optional[dict] = None     # image stage output: sizes, sha256, phash
+    # Set by the split step; a source may fix it before (OSV-5M's test.csv rows: "test"), and the
+    # split step then keeps it (pipeline.global_steps.split, rule 5).
     split: Optional[str] = None
     meta: Optional[dict] = None      # Meta part sample: messages + template version
     clue: Optional[dict] = None      # Clue part sample (LVLM clues + messages), when made
