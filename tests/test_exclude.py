@@ -151,3 +151,17 @@ def test_bad_exclude_path_is_one_line_and_exit_2(tmp_path, exif_samples, capsys,
     assert rc == 2
     assert err.startswith("mg-geo build: error: --exclude") and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_lists_name_paths_relative_to_themselves(tmp_path):
+    from pipeline.stages.exclude import benchmark_files
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "list.txt").write_text("# benchmark\n\na.jpg\nimgs/b.png\n")
+    assert benchmark_files(str(tmp_path / "sub" / "list.txt")) == [
+        ("a.jpg", str(tmp_path / "sub" / "a.jpg")), ("imgs/b.png", str(tmp_path / "sub" / "imgs" / "b.png"))]
+    (tmp_path / "plain.csv").write_text("x/1.jpg,label\nx/2.jpg,label\n")  # no header: first column
+    assert [name for name, _ in benchmark_files(str(tmp_path / "plain.csv"))] == ["x/1.jpg", "x/2.jpg"]
+    (tmp_path / "named.csv").write_text("label,image\nq,y/1.jpg\n")
+    assert [name for name, _ in benchmark_files(str(tmp_path / "named.csv"))] == ["y/1.jpg"]
+    bench = load_benchmarks([str(tmp_path / "plain.csv")], ImageStage())  # listed files are missing
+    assert (len(bench), bench.unreadable) == (0, 2)
