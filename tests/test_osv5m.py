@@ -22,6 +22,7 @@ from PIL import Image
 from pipeline.report.agreement import label_agreement
 from pipeline.beam.run import BuildConfig, run_build
 from pipeline.geo.places import load_places
+from pipeline.global_steps.split import assign_splits
 from pipeline.core.record import Record
 from pipeline.io.sources import SourceError, parse_source
 from pipeline.io.sources.osv5m import Osv5mSource
@@ -237,3 +238,21 @@ def test_agreement_reads_records_too():
     assert result["samples"] == 1
     assert (result["country"]["polygon_correction"], result["region"]["agree"], result["city"]["disagree"],
             result["sub-region"]["compared"]) == (1, 1, 1, 0)
+
+
+def test_their_test_split_stays_our_test_split(built):
+    """test.csv rows land in test shards whatever their unit draws; train.csv rows are split by
+    their geographic units as before (they are far from every test row here)."""
+    _, _, out, _, manifest, _ = built
+    by_id = {r["input_id"]: r for r in manifest}
+    points = {row_id: _point(where) for row_id, _, where, _, _ in PLAN}
+    test_ids = [f"test/{row_id}" for row_id, split, *_ in PLAN if split == "test"]
+    assert all(by_id[i]["split"] == "test" and by_id[i]["shard"].startswith("meta-test-") for i in test_ids)
+    # The fixing matters: left to their geographic units, some of these would not be test.
+    drawn = assign_splits([points[i.split("/")[1]] for i in test_ids])
+    assert any(split != "test" for split in drawn)
+    train_ids = [i for i in by_id if i.startswith("train/")]
+    want = assign_splits([points[i.split("/")[1]] for i in train_ids])
+    assert [by_id[i]["split"] for i in train_ids] == want
+    test_members = {m for tar in out.glob("meta/test/*.tar") for m in tarfile.open(tar).getnames()}
+    assert {by_id[i]["key"] for i in test_ids} <= {m.split(".")[0] for m in test_members}

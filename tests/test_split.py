@@ -189,3 +189,47 @@ def test_beam_transform_matches_reference():
     expected = Counter(s for _, s in want)
     assert counts["in"] == len(records)
     assert {k: counts.get(k, 0) for k in ("train", "val", "test")} == dict(expected)
+
+
+# --- splits fixed by the source ------------------------------------------------------------
+
+def test_fixed_split_is_kept_and_pulls_its_unit_along():
+    rng = random.Random(21)
+    far = [random_point(rng) for _ in range(200)]
+    free = assign_splits(far)
+    held = far[:40]
+    # Points whose own unit would not draw "test": fixing them must still give "test".
+    drawn_elsewhere = [p for p, s in zip(held, free) if s != "test"]
+    assert drawn_elsewhere
+    near = [destination(*p, 90, 0.3) for p in drawn_elsewhere]  # 300 m away: same unit
+    points = far + near
+    fixed = ["test"] * 40 + [None] * (len(points) - 40)
+    got = assign_splits(points, fixed=fixed)
+    assert got[:40] == ["test"] * 40
+    assert got[len(far):] == ["test"] * len(near)  # a fixed test photo's neighbours are test too
+    assert got[40:len(far)] == free[40:]  # units without a fixed photo are split as before
+
+
+def test_a_unit_with_several_fixed_splits_takes_the_most_held_out():
+    base = (48.85, 2.35)
+    points = [base, destination(*base, 0, 0.3), destination(*base, 180, 0.3)]
+    assert assign_splits(points, fixed=["val", "test", None]) == ["val", "test", "test"]
+    assert assign_splits(points, fixed=["train", None, None]) == ["train", "train", "train"]
+    with pytest.raises(ValueError, match="splits are"):
+        assign_splits(points[:1], fixed=["holdout"])
+
+
+def test_beam_transform_keeps_fixed_splits_like_the_reference():
+    rng = random.Random(22)
+    points = [random_point(rng) for _ in range(60)]
+    points += [destination(*points[0], 45, 0.4)]  # shares the unit of a fixed test point
+    fixed = ["test"] * 10 + [None] * (len(points) - 10)
+    records = [Record(key=f"k{i}", source="t", input_id=str(i), lat=lat, lon=lon, split=f)
+               for i, ((lat, lon), f) in enumerate(zip(points, fixed))]
+    want = [(r.key, s) for r, s in zip(records, assign_splits(points, fixed=fixed))]
+    assert want[0][1] == want[-1][1] == "test"
+
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    out = pipeline | beam.Create(records) | AssignSplit()
+    assert_that(out | beam.Map(lambda r: (r.key, r.split)), equal_to(want))
+    pipeline.run().wait_until_finish()

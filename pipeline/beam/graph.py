@@ -22,6 +22,7 @@ from pipeline.io import manifest, outdir
 from pipeline.io.sources import Source
 from pipeline.io.stash import BundleStash, unstash
 from pipeline.stages.geocode import GeocodeStage
+from pipeline.stages.exclude import ExcludeStage
 from pipeline.stages.image import ImageStage
 from pipeline.stages.meta import META_TEMPLATES, MetaStage
 from pipeline.stages.read import ReadStage
@@ -143,6 +144,10 @@ def record_stages(config):
         GeocodeStage(max_place_km=config.max_place_km, coast_km=config.coast_km, max_city_km=config.max_city_km),
         ImageStage(max_side=config.max_side, copy_jpeg=config.copy_jpeg),
     ]
+    benchmarks = getattr(config, "benchmarks", None)
+    if benchmarks is not None:
+        # Right after the image stage, which made the sha256 and phash it compares.
+        stages.append(ExcludeStage(benchmarks, radius=config.dedupe_radius))
     # Meta needs nothing that dedupe or split decide, so it runs here, before the record is
     # stashed: the thin copies that flow on then never need the whole record back before the writer.
     if "meta" in config.parts:

@@ -42,6 +42,8 @@ class BuildConfig:
     overwrite: bool = False  # --overwrite: build into a non-empty OUT that mg-geo did not make
     fail_writer_after: int | None = None  # crash injection for tests only
     lvlm_args: object = None  # parsed CLI flags for the LVLM parts (pipeline.beam.llm_parts reads them)
+    exclude: tuple[str, ...] = ()  # --exclude: benchmark image folders or lists (pipeline.stages.exclude)
+    benchmarks: object = None  # their hashes, made by run_build before the job (exclude.Benchmarks)
 
 
 DEFAULT_RUNNER = "FnApiRunner"
@@ -79,6 +81,12 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
     if {"clue", "dialogue"} & set(config.parts):
         from pipeline.beam.llm_parts import check_llm
         check_llm(config)
+    if config.exclude and config.benchmarks is None:
+        from pipeline.stages.exclude import load_benchmarks
+        from pipeline.stages.image import ImageStage
+        # The build's own image stage settings: a benchmark image is hashed as a record would be.
+        config.benchmarks = load_benchmarks(config.exclude, ImageStage(max_side=config.max_side,
+                                                                       copy_jpeg=config.copy_jpeg))
     options = PipelineOptions(beam_args)
     dry_run = options.view_as(TestOptions).dry_run
     try:

@@ -59,6 +59,10 @@ def register(sub) -> None:
     p.add_argument("--coast-km", type=finite(0), default=25.0,
                    help="points outside every country polygon take the nearest one within this distance (default 25)")
     p.add_argument("--dedupe-radius", type=int_between(0, 63), default=4, help="perceptual-hash Hamming radius for near duplicates (default 4)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATH",
+                   help="benchmark images that must not enter the corpus: a folder (recursive) or a .csv/.txt list "
+                        "of image paths (relative to the list); an input with the same bytes, or a perceptual hash "
+                        "within --dedupe-radius of one, is a ledger row (benchmark_overlap); repeat for several")
     p.add_argument("--split-ratios", type=_ratios, default=(0.90, 0.05, 0.05), help="train,val,test (default 0.9,0.05,0.05)")
     p.add_argument("--split-link-km", type=finite(0), default=1.0,
                    help="photos closer than this always share a split (default 1 km)")
@@ -111,7 +115,8 @@ def config_from_args(args):
         meta_templates=args.meta_templates, dedupe_radius=args.dedupe_radius,
         split_ratios=args.split_ratios, split_link_km=args.split_link_km,
         limits=ShardLimits(args.shard_max_samples, args.shard_max_bytes, min_shards=args.shard_min_count),
-        source_options=source_options, overwrite=args.overwrite, lvlm_args=args)
+        source_options=source_options, overwrite=args.overwrite, lvlm_args=args,
+        exclude=tuple(args.exclude))
 
 
 def download_tables(config, args, specs: list[str], stack: contextlib.ExitStack) -> list[str]:

@@ -4,7 +4,7 @@ A Record starts in a source reader (path or bytes, maybe coordinates) and gains 
 stage: bytes (read), coordinates (validate), location (geocode), image facts (image), split, then
 samples (meta/clue/dialogue). Every field except the bytes goes into the sample's json.
 
-Stage names, in order: source, read, validate, geocode, image, meta, dedupe, split, clue,
+Stage names, in order: source, read, validate, geocode, image, exclude (with --exclude), meta, dedupe, split, clue,
 dialogue, write. A rejection in any stage but `clue` or `dialogue` removes the record from every
 part; a rejection in `clue` or `dialogue` only means that part has no sample for it (Rejection.part
 says which). After meta the record is stashed and a thin copy flows on (pipeline.io.stash).
@@ -40,6 +40,8 @@ class Record:
     provenance: dict = field(default_factory=dict)  # extra source columns, kept as text
     location: Optional[dict] = None  # geocode stage output
     image: Optional[dict] = None     # image stage output: sizes, sha256, phash
+    # Set by the split step; a source may fix it before (OSV-5M's test.csv rows: "test"), and the
+    # split step then keeps it (pipeline.global_steps.split, rule 5).
     split: Optional[str] = None
     meta: Optional[dict] = None      # Meta part sample: messages + template version
     clue: Optional[dict] = None      # Clue part sample (LVLM clues + messages), when made

@@ -26,14 +26,14 @@ class _DedupeThenSplit(beam.DoFn):
         self.assign.setup()
         self.counts = BundleCounts(METRICS_NAMESPACE)  # micros: like every stage, its work time
 
-    def process(self, record, rejects: dict, roots: dict):
+    def process(self, record, rejects: dict, plan: dict):
         start = time.perf_counter()
         outputs = []
         for out in self.partition.process(record, rejects):
             if isinstance(out, beam.pvalue.TaggedOutput):
                 outputs.append(out)
             else:
-                outputs += self.assign.process(out, roots)
+                outputs += self.assign.process(out, plan)
         self.counts.add_micros_since(start)
         return outputs
 
@@ -52,8 +52,8 @@ class DedupeAndSplit(beam.PTransform):
 
     def expand(self, records):
         rejects = self.dedupe.plan(records)
-        roots = self.split.plan(records)
+        split_plan = self.split.plan(records)
         result = records | "Apply" >> beam.ParDo(
             _DedupeThenSplit(self.split.assign_fn()), plan_side_input(rejects),
-            plan_side_input(roots)).with_outputs(REJECTED, main="kept")
+            plan_side_input(split_plan)).with_outputs(REJECTED, main="kept")
         return result.kept, result[REJECTED]

@@ -15,6 +15,11 @@ in test. So the split unit is a cluster of nearby photos:
 4. Unit id = its smallest cell (x, y, z); split = sha1 of that id as a number in [0, 1) against
    the cumulative ratios. A unit's split depends only on its own cells, so adding photos
    elsewhere never moves it (adding photos that merge two units can, by design).
+5. Fixed splits: a source may fix a record's split before this step (record.split already set:
+   OSV-5M's test.csv rows are "test", its official test split, never train or val). Such a
+   record keeps it, and its whole unit follows it: the other photos within link_km of it take the
+   fixed split too (the most held-out one, test > val > train, when a unit holds several), so a
+   fixed test photo never has a neighbour in train. Units without a fixed record are split by 4.
 """
 from __future__ import annotations
 
@@ -132,14 +137,57 @@ def unit_ids(points: Iterable[tuple[float, float]], link_km: float = DEFAULT_LIN
 
 
 def assign_splits(points: Iterable[tuple[float, float]], ratios: Ratios = DEFAULT_RATIOS,
-                  link_km: float = DEFAULT_LINK_KM) -> list[str]:
-    """The whole step without Beam: split name of each (lat, lon), in input order."""
+                  link_km: float = DEFAULT_LINK_KM, fixed: Optional[Sequence[Optional[str]]] = None) -> list[str]:
+    """The whole step without Beam: split name of each (lat, lon), in input order.
+    fixed: per point, the split its source fixed (None: not fixed); see rule 5 above."""
     ratios = check_ratios(ratios)
-    return [split_of_unit(unit, ratios) for unit in unit_ids(points, link_km)]
+    points = list(points)
+    fixed = [_check_fixed(f, f"point {i}") for i, f in enumerate(fixed)] if fixed is not None \
+        else [""] * len(points)
+    link_km = check_link_km(link_km)
+    plan = split_plan([(cell_of(lat, lon, link_km), f or "") for (lat, lon), f in zip(points, fixed)])
+    return [_split_of(plan, cell_of(lat, lon, link_km), f, ratios) for (lat, lon), f in zip(points, fixed)]
 
 
-def _record_cell(record: Record, link_km: float) -> Cell:
-    return cell_of(record.lat, record.lon, link_km)
+def fixed_split(record: Record) -> str:
+    """The split a source fixed for this record ("" when none): record.split set before this step."""
+    return _check_fixed(record.split, f"record {record.key}")
+
+
+def _check_fixed(split: Optional[str], what: str) -> str:
+    # A split outside SPLITS would make shards no loader expects: a source's defect, raised.
+    if split is None or split == "":
+        return ""
+    if split not in SPLITS:
+        raise ValueError(f"{what} has split {split!r} fixed by its source; splits are {SPLITS}")
+    return split
+
+
+def split_plan(cells: Iterable[tuple[Cell, str]]) -> dict:
+    """(cell, fixed split or "") of every record -> {"roots": linked_roots of the cells, "fixed":
+    {unit id: the most held-out fixed split in it}} (only units that hold a fixed record)."""
+    cells = list(cells)
+    roots = _linked_roots_logged(sorted({cell for cell, _ in cells}))
+    fixed: dict[Cell, str] = {}
+    for cell, split in cells:
+        if split:
+            unit = roots.get(cell, cell)
+            if unit not in fixed or SPLITS.index(split) > SPLITS.index(fixed[unit]):
+                fixed[unit] = split
+    if fixed:
+        log.info("split: %d units hold records whose source fixed their split", len(fixed))
+    return {"roots": roots, "fixed": fixed}
+
+
+def _split_of(plan: dict, cell: Cell, fixed: str, ratios) -> str:
+    if fixed:
+        return fixed
+    unit = plan.get("roots", {}).get(cell, cell)
+    return plan.get("fixed", {}).get(unit) or split_of_unit(unit, ratios)
+
+
+def _record_cell(record: Record, link_km: float) -> tuple[Cell, str]:
+    return cell_of(record.lat, record.lon, link_km), fixed_split(record)
 
 
 class _AssignFn(beam.DoFn):
@@ -150,9 +198,9 @@ class _AssignFn(beam.DoFn):
     def setup(self):
         self.counts = BundleCounts(METRICS_NAMESPACE)
 
-    def process(self, record: Record, roots: dict):
-        cell = _record_cell(record, self.link_km)
-        split = split_of_unit(roots.get(cell, cell), self.ratios)
+    def process(self, record: Record, plan: dict):
+        cell, fixed = _record_cell(record, self.link_km)
+        split = _split_of(plan, cell, fixed, self.ratios)
         self.counts.add("in")
         self.counts.add(split)
         yield record.replace(split=split)
@@ -166,7 +214,8 @@ class AssignSplit(beam.PTransform):
 
     ratios: (train, val, test) or a mapping with those keys, default (0.90, 0.05, 0.05).
     link_km: photos within this distance always share a split (default 1.0 km).
-    Global: every record must be in the input PCollection. Records need valid lat/lon."""
+    Global: every record must be in the input PCollection. Records need valid lat/lon. A record
+    whose split is already set (fixed by its source) keeps it, and so does its unit (rule 5)."""
 
     def __init__(self, ratios: Ratios = DEFAULT_RATIOS, link_km: float = DEFAULT_LINK_KM,
                  label: Optional[str] = STAGE):
@@ -175,13 +224,13 @@ class AssignSplit(beam.PTransform):
         self.link_km = check_link_km(link_km)
 
     def plan(self, records):
-        """The linked cells as one element {cell: unit root}, for a side input; no element when
-        there are no records (a combine without a default saves the runner a step; the side
-        input's default {} stands in)."""
+        """The linked cells and the fixed units as one element (split_plan), for a side input; no
+        element when there are no records (a combine without a default saves the runner a step;
+        the side input's default {} stands in)."""
         return (records
                 | "Cell" >> stage_work(STAGE, _record_cell, self.link_km, flat=False)
                 | "AllCells" >> beam.CombineGlobally(DistinctValues()).without_defaults()
-                | "Link" >> stage_work(STAGE, _linked_roots_logged, flat=False))
+                | "Link" >> stage_work(STAGE, split_plan, flat=False))
 
     def assign_fn(self) -> beam.DoFn:
         return _AssignFn(self.ratios, self.link_km)

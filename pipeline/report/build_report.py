@@ -91,6 +91,7 @@ def build_report(config, metrics: dict) -> dict:
     rejections = defaultdict(Counter)
     for row in ledger:
         rejections[row["stage"]][row["reason"]] += 1
+    benchmarks = getattr(config, "benchmarks", None)
     cons = conservation(config.parts, inputs, presence, ledger, count_by(manifest, ["source", "part"]))
     # Only rows that carry a source's own labels (OSV-5M's) are compared: others need no dicts.
     has_label = None
@@ -117,6 +118,10 @@ def build_report(config, metrics: dict) -> dict:
         "conservation": cons,
         "conservation_ok": all(v["ok"] for v in cons.values()),
         "label_agreement": label_agreement(labelled),
+        # --exclude: inputs dropped as copies of a benchmark image (pipeline.stages.exclude).
+        "benchmark_overlap": {"excluded_inputs": rejections.get("exclude", Counter())["benchmark_overlap"],
+                              **(benchmarks.summary() if benchmarks is not None else
+                                 {"benchmark_images": 0, "unreadable_benchmark_images": 0})},
         "meta_structures": _tallies(metrics.get("meta", {})),
         "stages": metrics,
     }

@@ -1,1 +1,2 @@
-"""Per-record stages, in pipeline order: read, validate, geocode, image, meta, clue, dialogue (+ their helpers)."""
+"""Per-record stages, in pipeline order: read, validate, geocode, image, exclude (with --exclude), meta, clue,
+dialogue (+ their helpers)."""

@@ -14,6 +14,12 @@ source are fused with it, so one unit per csv would put the whole build on one w
 cuts the ranges in one pass over the csv bytes, which also gives the counts for the log line and
 the ids repeated on several rows (their input ids get `#rowN`, as in the table source).
 Rows are parsed by the table source's csv reader: every value stays text.
+
+OSV-5M's official test split stays our test split: a test.csv row's record has split "test" fixed
+(`FIXED_SPLITS`), which the split step keeps, whatever its geographic unit would draw, and which
+also pulls that unit's other photos into test (pipeline.global_steps.split, rule 5). A benchmark
+scored on OSV-5M's test set therefore never meets one of its images, or a photo within link_km
+of one, in our train or val. train.csv rows are split geographically like any other source's.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from pipeline.io.sources.table import BadRow, _csv_table, _Lines
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+FIXED_SPLITS = {"test": "test"}  # csv -> the split its rows' records are fixed to (train: none)
 DEFAULT_CHUNK_BYTES = 32 << 20  # ~100k OSV-5M rows per unit; option chunk_bytes
 
 
@@ -226,7 +233,8 @@ class Osv5mSource(Source):
         input_id = f"{chunk.split}/{image_id or f'row{n}'}"
         if image_id in chunk.repeated_ids:
             input_id = f"{input_id}#row{n}"
-        record = Record(key=make_key(self.spec, input_id), source=self.spec, input_id=input_id)
+        record = Record(key=make_key(self.spec, input_id), source=self.spec, input_id=input_id,
+                        split=FIXED_SPLITS.get(chunk.split))
         if isinstance(row, BadRow):
             return record, Reject(row.reason, f"{where}: {row.detail}")
         relative = index.get(image_id)
