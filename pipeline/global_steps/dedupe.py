@@ -118,7 +118,7 @@ def band_keys(phash, radius: int = DEFAULT_RADIUS) -> list[tuple[int, int]]:
             for i, (shift, width) in enumerate(band_layout(radius))]
 
 
-def _popcount(values: np.ndarray) -> np.ndarray:
+def popcount(values: np.ndarray) -> np.ndarray:
     if hasattr(np, "bitwise_count"):  # numpy >= 2
         return np.bitwise_count(values)
     as_bytes = values.view(np.uint8).reshape(values.shape + (8,))
@@ -158,7 +158,7 @@ def edges_in_group(items: Iterable[tuple[str, object]], radius: int = DEFAULT_RA
     for start in range(0, n - 1, block):
         rows = slice(start, min(start + block, n))
         xor = hashes[rows, None] ^ hashes[None, :]
-        dist = _popcount(xor)
+        dist = popcount(xor)
         close = (dist <= radius) & (columns[None, :] > np.arange(rows.start, rows.stop)[:, None])
         for mask in earlier:  # agreeing on an earlier band: that band's group emits the pair
             close &= (xor & mask) != 0

@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.core.errors import BadArgument
 from pipeline.core.record import Record, Reject
 from pipeline.core.stage import Outcome, Stage
-from pipeline.global_steps.dedupe import DEFAULT_RADIUS, _popcount, band_keys, band_layout, parse_phash
+from pipeline.global_steps.dedupe import DEFAULT_RADIUS, popcount, band_keys, band_layout, parse_phash
 from pipeline.io.sources.base import IMAGE_EXTENSIONS
 from pipeline.stages.image import ImageStage
 
@@ -172,7 +172,7 @@ class ExcludeStage(Stage):
         if not found:
             return record
         candidates = np.unique(np.concatenate(found))
-        distances = _popcount(self.phashes[candidates] ^ np.uint64(phash))
+        distances = popcount(self.phashes[candidates] ^ np.uint64(phash))
         best = int(np.argmin(distances))
         if int(distances[best]) > self.radius:
             return record
