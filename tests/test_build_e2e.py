@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -235,7 +236,14 @@ def test_writer_crash_leaves_no_readable_half_shard_and_a_rerun_recovers(built, 
     crashed = tmp_path / "crash"
     with pytest.raises(Exception, match="injected writer failure"):
         run_build(_config(inputs, crashed, fail_writer_after=2), [])
-    assert not list(crashed.rglob("*.tar")) and not list(crashed.rglob("*_stats.json"))
+    # No half shard anywhere: a shard of at most 2 samples may have been completed (and marked by
+    # its _stats.json) before the crash, in whatever order the runner wrote them; every other one
+    # never left OUT/_tmp.
+    for tar in crashed.rglob("*.tar"):
+        stats = json.loads(tar.with_name(tar.stem + "_stats.json").read_text())
+        with tarfile.open(tar) as complete:
+            assert stats["samples"] <= 2 and len(complete.getnames()) == 2 * stats["samples"], tar
+    assert not [p for p in crashed.rglob("*") if p.suffix == ".partial" and "_tmp" not in p.parts]
     run_build(_config(inputs, crashed), [])
     assert _tar_digests(crashed) == _tar_digests(out)
 

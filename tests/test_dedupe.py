@@ -190,6 +190,20 @@ def test_real_copies_are_found_and_originals_kept(photo_records):
     assert all(r.stage == "dedupe" and "hamming" in r.detail for r in rejected)
 
 
+def test_a_copy_held_out_for_test_is_the_one_kept(photo_records):
+    """OSV-5M's test rows come with their split fixed to test: when one has a copy among the
+    training rows, the test image stays and the copy goes, whatever their sizes and keys (keeping
+    the larger or first-named one would leave the test image's twin in train)."""
+    records = list(photo_records.values())
+    test_copy = photo_records["dscn0010"].replace(split="test")  # loses on key to copy_of_0010
+    test_small = photo_records["small_0012"].replace(split="test")  # loses on area to dscn0012
+    records = [test_copy if r.key == "dscn0010" else test_small if r.key == "small_0012" else r for r in records]
+    kept, rejected = dedupe_records(records)
+    assert {"dscn0010", "small_0012"} <= {r.key for r in kept}
+    by_key = {r.key: r for r in rejected}
+    assert by_key["copy_of_0010"].reason == "duplicate" and by_key["dscn0012"].reason == "near_duplicate"
+
+
 def test_chain_is_one_component_with_one_kept():
     a = 0x0123456789ABCDEF
     b = a ^ 0b111                 # 3 bits from a
@@ -280,7 +294,7 @@ def test_exact_copy_stays_duplicate_whichever_edge_comes_first():
 
 def test_member_packing_round_trips():
     for info in (ImageInfo("k-ü", "ab" * 32, (1 << 64) - 1, 12_000_000), ImageInfo("k", "", 0, 0),
-                 ImageInfo("k", "x" * 300, None, 5)):
+                 ImageInfo("k", "x" * 300, None, 5), ImageInfo("t", "ab", 7, 9, held_out=2)):
         assert unpack_member(pack_member(info, True)) == info
         assert unpack_member(pack_member(info, False)) == info._replace(sha256="")
 

@@ -52,6 +52,7 @@ class ImageInfo(NamedTuple):
     sha256: str            # "" when unknown
     phash: Optional[int]   # 64-bit perceptual hash, None when missing or malformed
     area: int              # original width * height, 0 when unknown
+    held_out: int = 0      # 2: the source fixed the record's split to test, 1: to val (kept first)
 
 
 def parse_phash(value) -> Optional[int]:
@@ -74,7 +75,8 @@ def image_info(record: Record) -> Optional[ImageInfo]:
     phash = parse_phash(image.get("phash"))
     if not sha and phash is None:
         return None
-    return ImageInfo(record.key, sha, phash, _int(image.get("orig_width")) * _int(image.get("orig_height")))
+    return ImageInfo(record.key, sha, phash, _int(image.get("orig_width")) * _int(image.get("orig_height")),
+                     HELD_OUT.get(record.split or "", 0))
 
 
 def _int(value) -> int:
@@ -84,9 +86,15 @@ def _int(value) -> int:
         return 0
 
 
+# Before dedupe only a source sets a split (OSV-5M's test rows): a copy held out for evaluation is
+# the one kept, or its twin would stay in train while the test image is dropped (a leak).
+HELD_OUT = {"test": 2, "val": 1}
+
+
 def keep_rank(info: ImageInfo) -> tuple:
-    """Smaller is kept: larger original pixel area first, then smaller key."""
-    return (-info.area, info.key)
+    """Smaller is kept: a copy whose split a source fixed to test (then val) first, then the
+    larger original pixel area, then the smaller key."""
+    return (-info.held_out, -info.area, info.key)
 
 
 @functools.lru_cache(maxsize=None, typed=True)
@@ -187,25 +195,25 @@ def resolve(edges: Iterable[Sequence[Hashable]], ranks: Mapping[Hashable, tuple]
     return mapping
 
 
-# A group member as one bytes object: phash, has-phash, area, sha256 length, sha256 text, key.
+# A group member as one bytes object: phash, has-phash, area, held-out, sha256 length, sha256 text, key.
 # The local runner keeps every grouped value decoded until the group-by is read, and an image joins
 # radius+1 band groups: one small bytes object per membership instead of a tuple of a str and two
 # ints (~90 instead of ~210 bytes, one allocation instead of four) keeps the group-by's memory
 # from growing faster than it must with the corpus (bench/bench_memory.py).
-_MEMBER_HEAD = struct.Struct(">Q?QH")
+_MEMBER_HEAD = struct.Struct(">Q?QBH")
 
 
 def pack_member(info: ImageInfo, with_sha: bool) -> bytes:
     sha = info.sha256.encode("utf-8") if with_sha else b""
-    return (_MEMBER_HEAD.pack(info.phash or 0, info.phash is not None, info.area, len(sha))
+    return (_MEMBER_HEAD.pack(info.phash or 0, info.phash is not None, info.area, info.held_out, len(sha))
             + sha + info.key.encode("utf-8"))
 
 
 def unpack_member(data: bytes) -> ImageInfo:
-    phash, has_phash, area, n_sha = _MEMBER_HEAD.unpack_from(data)
+    phash, has_phash, area, held_out, n_sha = _MEMBER_HEAD.unpack_from(data)
     head = _MEMBER_HEAD.size
     return ImageInfo(data[head + n_sha:].decode("utf-8"), data[head:head + n_sha].decode("utf-8"),
-                     phash if has_phash else None, area)
+                     phash if has_phash else None, area, held_out)
 
 
 def group_entries(info: ImageInfo, radius: int = DEFAULT_RADIUS) -> list[tuple[tuple, bytes]]:
@@ -318,7 +326,7 @@ def unpack_shard(blob: bytes) -> Iterable[bytes]:
 
 def _group_of(shard: tuple, member: bytes, radius: int) -> tuple:
     """The group a member of this shard was made for (the inverse of group_entries' keys)."""
-    phash, _, _, n_sha = _MEMBER_HEAD.unpack_from(member)
+    phash, _, _, _, n_sha = _MEMBER_HEAD.unpack_from(member)
     if shard[0] == "sha":
         return ("sha", member[_MEMBER_HEAD.size:_MEMBER_HEAD.size + n_sha].decode("utf-8"))
     shift, width = band_layout(radius)[shard[1]]
