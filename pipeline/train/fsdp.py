@@ -116,12 +116,28 @@ def save_sharded(model, optimizer, path: Path) -> None:
 def load_sharded(model, optimizer, path: Path) -> None:
     """Collective: read path/sharded/ into the sharded model and optimizer (strict)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+    sharded = str(path / SHARDED_DIR)
+    saved = set(dcp.FileSystemReader(sharded).read_metadata().state_dict_metadata)
     model_state, optim_state = get_state_dict(model, optimizer)
+    missing = sorted(k for k in model_state if f"model.{k}" not in saved)
+    if missing:
+        raise RuntimeError(f"{sharded}: weights missing from the checkpoint: {missing[:5]}")
+    # get_state_dict gives every parameter an (empty) optimizer state; parameters no loss has
+    # reached yet (a SigLIP pooling head LLaVA never reads) had none when the checkpoint was
+    # saved. They stay without one, as in the uninterrupted run; everything else loads strictly.
+    stateless = [f for f in optim_state["state"] if not any(k.startswith(f"optim.state.{f}.") for k in saved)]
+    for fqn in stateless:
+        del optim_state["state"][fqn]
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp.load(state, checkpoint_id=sharded)
+    # strict=False only for those optimizer states: the weights were checked above, and dcp.load
+    # fails on any other key the checkpoint lacks.
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
+    log.info("loaded sharded weights and optimizer state from %s (%d parameter(s) had no optimizer state)",
+             sharded, len(stateless))
 
 
 def full_state_dict(model) -> dict:
