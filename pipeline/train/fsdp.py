@@ -77,8 +77,8 @@ def shard_model(model, device: torch.device, world: int, precision: str) -> int:
 
     mesh = init_device_mesh(device.type, (world,))
     policy = mixed_precision(precision)
-    if model.device != device:
-        model.to(device)
+    # No model.to(device) first: fully_shard moves each unit's tensors to the mesh's device as it
+    # shards them, so a GPU holds one full block at a time during setup, not the whole model.
     blocks = shard_blocks(model)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)

@@ -1,7 +1,9 @@
 """The training loop: model setup, optimisation steps, logs, checkpoints, the final export.
 
 accelerate gives one code path for one CPU/GPU and for several GPUs (`accelerate launch` or
-`torchrun` set the ranks; DDP wraps the model). Checkpoints are written by us, not by
+`torchrun` set the ranks; DDP wraps the model). --fsdp is a separate path (pipeline/train/fsdp.py):
+accelerate only starts the process group, the model is sharded with FSDP2's fully_shard and
+checkpoints are sharded through torch.distributed.checkpoint. Checkpoints are written by us, not by
 accelerate's save_state or the transformers Trainer: weights are saved as the unwrapped model's
 own state_dict and loaded back strictly, then compared tensor by tensor with the file - a VLM
 whose checkpoint key layout differs from its module names (LLaVA, Qwen2-VL after the
@@ -13,6 +15,8 @@ OUTPUT/
   tensorboard/                   the same scalars for TensorBoard
   checkpoints/step-NNNNNNN/      model.safetensors (LoRA: adapter tensors only), optimizer.pt,
                                  scheduler.pt, rng-RANK.pt, data-RANK.json, trainer_state.json (last)
+                                 --fsdp: sharded/ (torch.distributed.checkpoint: model + optimizer,
+                                 each rank's shards) instead of model.safetensors and optimizer.pt
   model/                         final weights (LoRA merged) + processor: from_pretrained-loadable,
                                  the --init-from of the next stage
   adapter/                       LoRA runs: the adapter alone (peft format)
