@@ -101,6 +101,14 @@ def test_one_rank_fsdp_trains_like_plain_resumes_and_exports(tiny_model, corpus,
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
 
 
+def test_one_rank_fsdp_packed_rows_train_like_plain(tiny_model, corpus, tmp_path):
+    common = ("--max-steps", "2", "--stage", "2", "--packing", "--max-length", "320")
+    plain, sharded = tmp_path / "plain", tmp_path / "fsdp"
+    assert _train(tiny_model, corpus, plain, *common) == 0
+    assert _train(tiny_model, corpus, sharded, *common, "--fsdp") == 0
+    assert _losses(sharded) == pytest.approx(_losses(plain), rel=1e-5)
+
+
 @pytest.mark.skipif(not os.environ.get("MG_GEO_TEST_DDP"),
                     reason="two-process DDP and FSDP runs (~1-2 min on 2 cores); set MG_GEO_TEST_DDP=1")
 def test_two_rank_fsdp_matches_ddp_and_resumes(tiny_model, corpus, tmp_path):
