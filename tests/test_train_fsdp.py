@@ -109,6 +109,35 @@ def test_one_rank_fsdp_packed_rows_train_like_plain(tiny_model, corpus, tmp_path
     assert _losses(sharded) == pytest.approx(_losses(plain), rel=1e-5)
 
 
+def test_one_rank_fsdp_bf16_mixed_keeps_fp32_masters_and_exports_bf16(tiny_model, corpus, tmp_path):
+    """The GPU policy (bf16 params, fp32 reduction) on a CPU: bf16 compute, fp32 sharded weights and
+    AdamW moments in the checkpoint, a bf16 export; losses near the autocast path's."""
+    from fresh_process import REPO as ROOT, TESTS, child_env, run_python
+
+    common = ("--max-steps", "2", "--stage", "2", "--grad-accum", "2")
+    autocast, sharded, fp32 = tmp_path / "autocast", tmp_path / "fsdp", tmp_path / "fp32"
+    # accelerate's state is per process and fixed by its first mixed_precision: the bf16 runs
+    # get a process of their own.
+    script = ("import sys; from train_helpers import train; a = sys.argv[1:]; "
+              "assert train(a[0], a[1], a[2], *a[4:], '--precision', 'bf16-mixed') == 0; "
+              "assert train(a[0], a[1], a[3], *a[4:], '--precision', 'bf16-mixed', '--fsdp') == 0")
+    run_python(["-c", script, str(tiny_model), str(corpus), str(autocast), str(sharded), *common],
+               env=child_env(ROOT, TESTS))
+    assert _train(tiny_model, corpus, fp32, *common, "--precision", "fp32", "--fsdp") == 0
+    assert _losses(sharded) == pytest.approx(_losses(autocast), rel=2e-3)
+    assert abs(_losses(sharded)[0] - _losses(fp32)[0]) > 1e-6  # the forward ran in bf16
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(sharded / "checkpoints" / "step-0000002" / "sharded"), str(tmp_path / "c.pt"))
+    state = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert {v.dtype for v in state["model"].values()} == {torch.float32}
+    moments = [v["exp_avg"] for v in state["optim"]["state"].values() if "exp_avg" in v]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(str(sharded / "model" / "model.safetensors")).values()} == {torch.bfloat16}
+
+
 @pytest.mark.skipif(not os.environ.get("MG_GEO_TEST_DDP"),
                     reason="two-process DDP and FSDP runs (~1-2 min on 2 cores); set MG_GEO_TEST_DDP=1")
 def test_two_rank_fsdp_matches_ddp_and_resumes(tiny_model, corpus, tmp_path):

@@ -191,14 +191,14 @@ class Trainer:
         # when LLaVA reads an inner layer): DDP must be told, or it waits for their gradients.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
         # bf16-master holds bf16 weights and computes in them: no autocast (and none of its casts).
-        # --fsdp: accelerate only starts the process group; FSDP2's policy does the casts (fsdp.py).
         if cfg.fsdp and cfg.lora:
             raise TrainError("--fsdp trains all weights; it does not combine with --lora")
         if cfg.fsdp and self.precision == "bf16-master":
             raise TrainError("--fsdp keeps fp32 sharded master weights with bf16 compute under "
                              "--precision bf16-mixed; --precision bf16-master does not apply")
-        autocast = self.precision in ("bf16", "bf16-mixed") and not cfg.fsdp
-        self.accelerator = Accelerator(mixed_precision="bf16" if autocast else "no",
+        # --fsdp: the model is never handed to accelerate (it only starts the process group), so
+        # its mixed_precision has no effect there: FSDP2's policy does the casts (fsdp.py).
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.precision in ("bf16", "bf16-mixed") else "no",
                                        step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
