@@ -37,11 +37,16 @@ log = logging.getLogger("pipeline.train")
 SHARDED_DIR = "sharded"  # the DCP folder inside a checkpoint
 
 
-def start_process_group(device: torch.device) -> bool:
+def start_process_group(device: torch.device, world: int = 1) -> bool:
     """A one-rank process group when no launcher made one (fully_shard and DCP need one);
     returns True when this call created it (the caller destroys it at the end)."""
     if dist.is_initialized():
         return False
+    if world > 1:
+        from pipeline.train.trainer import TrainError
+
+        raise TrainError(f"--fsdp over {world} ranks needs the launcher's process group (torchrun or "
+                         "accelerate launch); none was started")
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
@@ -123,7 +128,9 @@ def load_sharded(model, optimizer, path: Path) -> None:
     model_state, optim_state = get_state_dict(model, optimizer)
     missing = sorted(k for k in model_state if f"model.{k}" not in saved)
     if missing:
-        raise RuntimeError(f"{sharded}: weights missing from the checkpoint: {missing[:5]}")
+        from pipeline.train.trainer import TrainError
+
+        raise TrainError(f"{sharded}: weights missing from the checkpoint: {missing[:5]}")
     # get_state_dict gives every parameter an (empty) optimizer state; parameters no loss has
     # reached yet (a SigLIP pooling head LLaVA never reads) had none when the checkpoint was
     # saved. They stay without one, as in the uninterrupted run; everything else loads strictly.

@@ -406,7 +406,7 @@ class Trainer:
         if cfg.fsdp:  # shard first, then the optimizer over the sharded parameters; no acc.prepare
             from pipeline.train import fsdp
 
-            self.own_group = fsdp.start_process_group(acc.device)
+            self.own_group = fsdp.start_process_group(acc.device, self.world)
             fsdp.shard_model(model, acc.device, self.world, self.precision)
             self.model = model
             self.optimizer, self.scheduler = self._build_optimizer(model)
