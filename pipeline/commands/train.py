@@ -85,6 +85,10 @@ def register(sub) -> None:
                    help="Liger fused kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) when "
                    "liger-kernel is installed and a GPU is present; otherwise skipped with a log line")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's repeated blocks")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimizer state over the ranks with FSDP2 (fully_shard per "
+                   "decoder/vision block, bf16 compute with fp32 reduction under bf16-mixed); checkpoints are "
+                   "sharded (torch.distributed.checkpoint). For full fine-tunes that do not fit one GPU with DDP")
     p.add_argument("--vision-attn", choices=("default", "windows"), default="default",
                    help="windows: Qwen2.5-VL's vision window attention in one call per layer "
                    "(flash-attn varlen when installed, else one masked SDPA call) instead of one per window")

@@ -40,6 +40,7 @@ class TrainConfig:
     selective_checkpointing: bool = False      # keep matmul/attention outputs, recompute the rest
     liger: bool = False                        # Liger kernels when installed (GPU)
     compile: bool = False                      # torch.compile the repeated blocks
+    fsdp: bool = False                         # FSDP2 fully_shard + sharded (DCP) checkpoints
     vision_attn: str = "default"               # default | windows (one attention call per vision layer)
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_length: int = 2048

@@ -1,7 +1,9 @@
 """The training loop: model setup, optimisation steps, logs, checkpoints, the final export.
 
 accelerate gives one code path for one CPU/GPU and for several GPUs (`accelerate launch` or
-`torchrun` set the ranks; DDP wraps the model). Checkpoints are written by us, not by
+`torchrun` set the ranks; DDP wraps the model). --fsdp is a separate path (pipeline/train/fsdp.py):
+accelerate only starts the process group, the model is sharded with FSDP2's fully_shard and
+checkpoints are sharded through torch.distributed.checkpoint. Checkpoints are written by us, not by
 accelerate's save_state or the transformers Trainer: weights are saved as the unwrapped model's
 own state_dict and loaded back strictly, then compared tensor by tensor with the file - a VLM
 whose checkpoint key layout differs from its module names (LLaVA, Qwen2-VL after the
@@ -13,6 +15,8 @@ OUTPUT/
   tensorboard/                   the same scalars for TensorBoard
   checkpoints/step-NNNNNNN/      model.safetensors (LoRA: adapter tensors only), optimizer.pt,
                                  scheduler.pt, rng-RANK.pt, data-RANK.json, trainer_state.json (last)
+                                 --fsdp: sharded/ (torch.distributed.checkpoint: model + optimizer,
+                                 each rank's shards) instead of model.safetensors and optimizer.pt
   model/                         final weights (LoRA merged) + processor: from_pretrained-loadable,
                                  the --init-from of the next stage
   adapter/                       LoRA runs: the adapter alone (peft format)
@@ -187,6 +191,13 @@ class Trainer:
         # when LLaVA reads an inner layer): DDP must be told, or it waits for their gradients.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
         # bf16-master holds bf16 weights and computes in them: no autocast (and none of its casts).
+        if cfg.fsdp and cfg.lora:
+            raise TrainError("--fsdp trains all weights; it does not combine with --lora")
+        if cfg.fsdp and self.precision == "bf16-master":
+            raise TrainError("--fsdp keeps fp32 sharded master weights with bf16 compute under "
+                             "--precision bf16-mixed; --precision bf16-master does not apply")
+        # --fsdp: the model is never handed to accelerate (it only starts the process group), so
+        # its mixed_precision has no effect there: FSDP2's policy does the casts (fsdp.py).
         self.accelerator = Accelerator(mixed_precision="bf16" if self.precision in ("bf16", "bf16-mixed") else "no",
                                        step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
         self.rank = self.accelerator.process_index
@@ -297,14 +308,20 @@ class Trainer:
              "world": self.world, "packing": bool(self.pack_mode), "batch_size": self.cfg.batch_size,
              "max_length": self.cfg.max_length}))
         acc.wait_for_everyone()
+        if self.cfg.fsdp:  # every rank writes its shards of weights and optimizer state
+            from pipeline.train.fsdp import save_sharded
+
+            save_sharded(self.model, self.optimizer, tmp)
+            acc.wait_for_everyone()
         if self.is_main:
-            save_weights(acc.unwrap_model(self.model), tmp / "model.safetensors", self.cfg.lora)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            if not self.cfg.fsdp:
+                save_weights(acc.unwrap_model(self.model), tmp / "model.safetensors", self.cfg.lora)
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             # Written last: a checkpoint without it is incomplete and ignored.
             (tmp / "trainer_state.json").write_text(json.dumps(
                 {"step": self.step, "max_steps": self.max_steps, "epoch_samples": self.epoch_samples,
-                 "global_batch": self.global_batch, "world": self.world}, indent=1))
+                 "global_batch": self.global_batch, "world": self.world, "fsdp": self.cfg.fsdp}, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in self._checkpoint_dirs()[: -max(1, self.cfg.keep_checkpoints)]:
@@ -317,8 +334,16 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         acc = self.accelerator
         state = json.loads((path / "trainer_state.json").read_text())
-        load_weights(acc.unwrap_model(self.model), path / "model.safetensors", self.cfg.lora)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        if bool(state.get("fsdp")) != self.cfg.fsdp:
+            raise TrainError(f"{path} was written {'with' if state.get('fsdp') else 'without'} --fsdp; "
+                             f"resume it {'with' if state.get('fsdp') else 'without'} --fsdp")
+        if self.cfg.fsdp:
+            from pipeline.train.fsdp import load_sharded
+
+            load_sharded(self.model, self.optimizer, path)
+        else:
+            load_weights(acc.unwrap_model(self.model), path / "model.safetensors", self.cfg.lora)
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
         self.step = int(state["step"])
         rng_file, data_file = path / f"rng-{self.rank}.pt", path / f"data-{self.rank}.json"
@@ -377,8 +402,25 @@ class Trainer:
                          self.pack_mode, ", one flattened row per micro-batch" if self._flatten() else "")
             else:
                 log.warning("--packing off: %s; training on padded batches", why)
-        optimizer, scheduler = self._build_optimizer(model)
-        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.own_group = False
+        if cfg.fsdp:  # shard first, then the optimizer over the sharded parameters; no acc.prepare
+            from pipeline.train import fsdp
+
+            self.own_group = fsdp.start_process_group(acc.device, self.world)
+            fsdp.shard_model(model, acc.device, self.world, self.precision)
+            self.model = model
+            self.optimizer, self.scheduler = self._build_optimizer(model)
+        else:
+            optimizer, scheduler = self._build_optimizer(model)
+            self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        try:
+            return self._run(encoder)
+        finally:
+            if self.own_group:
+                torch.distributed.destroy_process_group()
+
+    def _run(self, encoder) -> dict:
+        cfg, acc = self.cfg, self.accelerator
         self.step, self.states, self.batches, self.data_seed = 0, {}, 0, cfg.seed
         resume = self._resume_path()
         if resume:
@@ -409,8 +451,14 @@ class Trainer:
         window = _new_window()
         dropped: dict = {}
         last_loss = None
-        unwrapped = acc.unwrap_model(self.model)
-        no_sync = acc.no_sync if self.world > 1 else None
+        if cfg.fsdp:
+            from pipeline.train.fsdp import clip_grad_norm, no_gradient_sync
+
+            unwrapped, backward, clip = self.model, None, clip_grad_norm
+            no_sync = no_gradient_sync if self.world > 1 else None
+        else:
+            unwrapped, backward, clip = acc.unwrap_model(self.model), acc.backward, acc.clip_grad_norm_
+            no_sync = acc.no_sync if self.world > 1 else None
         self.model.train()
         try:
             while self.step < self.max_steps:
@@ -435,9 +483,9 @@ class Trainer:
                     total = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
                 window["label_tokens"] += tokens
                 step_loss = token_weighted_backward(self.model, inputs, total, world=self.world,
-                                                    backward=acc.backward, no_sync=no_sync)
+                                                    backward=backward, no_sync=no_sync)
                 if cfg.max_grad_norm:
-                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                    clip(params, cfg.max_grad_norm)
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
@@ -501,6 +549,9 @@ class Trainer:
         """OUTPUT/model: the final weights as a from_pretrained directory with the processor."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        if self.cfg.fsdp:
+            self._export_fsdp()
+            return
         if not self.is_main:
             return
         model = acc.unwrap_model(self.model)
@@ -514,6 +565,23 @@ class Trainer:
         model.save_pretrained(target)
         self.processor.save_pretrained(target)
         log.info("model written to %s", target)
+
+
+    def _export_fsdp(self) -> None:
+        """--fsdp: gather the full weights to rank 0's CPU (a collective), which saves them."""
+        from pipeline.train.fsdp import full_state_dict
+
+        state = full_state_dict(self.model)
+        if self.is_main:
+            if self.precision != "fp32":
+                state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+            self.model.config.use_cache = True
+            target = self.out / "model"
+            # save_pretrained names the architecture without FSDP2's class prefix.
+            self.model.save_pretrained(target, state_dict=state)
+            self.processor.save_pretrained(target)
+            log.info("model written to %s (gathered from FSDP shards)", target)
+        self.accelerator.wait_for_everyone()
 
 
 def _new_window() -> dict:
