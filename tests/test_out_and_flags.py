@@ -131,13 +131,16 @@ def test_verbose_is_mg_geo_debug_not_beams(photos, tmp_path, capsys):
 
 def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_file(tmp_path):
     """Ctrl-C in the middle of a build printed a long traceback and left OUT/_tmp behind. The
-    signal is sent once the job has stashed records (OUT/_tmp exists), so the build is mid-way."""
+    signal is sent as soon as the job has stashed records (OUT/_tmp exists): mid-way, with
+    thousands of records still to go."""
     import time
 
     from pipeline.io.sample_set import write_samples
 
     photos, out = tmp_path / "photos", tmp_path / "out"
-    write_samples(str(photos), 600, seed=3)
+    write_samples(str(photos / "0"), 200, seed=3)
+    for i in range(1, 15):  # 3,000 inputs (copies: dedupe's work), so the job runs for seconds
+        shutil.copytree(photos / "0", photos / str(i))
     build = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "build", "--source", f"exif:{photos}",
                               "--out", str(out)], env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
