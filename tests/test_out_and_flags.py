@@ -141,9 +141,12 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_file(tmp_path):
     write_samples(str(photos / "0"), 200, seed=3)
     for i in range(1, 15):  # 3,000 inputs (copies: dedupe's work), so the job runs for seconds
         shutil.copytree(photos / "0", photos / str(i))
+    # As from a terminal: a test run started in the background (CI under `&`) ignores SIGINT, and a
+    # child would inherit that; Python only turns SIGINT into KeyboardInterrupt where it is not ignored.
     build = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "build", "--source", f"exif:{photos}",
                               "--out", str(out)], env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "_tmp").exists() and build.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
