@@ -155,10 +155,16 @@ def record_stages(config):
     return stages
 
 
-def build_pipeline(p: beam.Pipeline, config, sources: list[Source]):
-    """Wire the build's steps into `p` (config: pipeline.beam.run.BuildConfig); returns the input count."""
+def source_units(sources: list[Source]) -> list[tuple[str, object]]:
+    """(source spec, unit) of every source: what the job's first step is made of."""
+    return [(s.spec, unit) for s in sources for unit in s.units()]
+
+
+def build_pipeline(p: beam.Pipeline, config, sources: list[Source], units: list | None = None):
+    """Wire the build's steps into `p` (config: pipeline.beam.run.BuildConfig); returns the input
+    count. `units`: source_units(sources), when the caller listed them already."""
     by_spec = {s.spec: s for s in sources}
-    units = [(s.spec, unit) for s in sources for unit in s.units()]
+    units = source_units(sources) if units is None else units
     read = (p
             # Create spreads two or more units over the workers with its own reshuffle (a unit can
             # be a whole table or shard); a Reshuffle of ours after it was a second one.

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from pipeline.beam.graph import build_pipeline
+from pipeline.beam.graph import build_pipeline, source_units
 from pipeline.beam.wrapper import Progress, stage_metrics
 from pipeline.io import outdir, shards
 from pipeline.core.errors import BadArgument
@@ -107,17 +107,19 @@ def run_build(config: BuildConfig, beam_args: list[str]) -> dict:
             raise
 
 
-def _known_inputs(sources: list) -> int | None:
-    """The number of inputs when every source knows it before the run (exif: folders), else None."""
+def _known_inputs(sources: list, units: list) -> int | None:
+    """The number of inputs when every source knows it before the run (an exif: unit is a batch
+    of its photos), else None."""
     if not all(source.kind == "exif" for source in sources):
         return None
-    return sum(len(unit) for source in sources for unit in source.units())
+    return sum(len(unit) for _, unit in units)
 
 
 def _run_job(config: BuildConfig, pipeline: beam.Pipeline, sources: list, dry_run: bool) -> dict:
     started = time.perf_counter()
-    with Progress(None if dry_run else _known_inputs(sources)), pipeline as p:
-        build_pipeline(p, config, sources)
+    units = source_units(sources)  # listed once: a folder of photos is walked once
+    with Progress(None if dry_run else _known_inputs(sources, units)), pipeline as p:
+        build_pipeline(p, config, sources, units)
         graph_s = time.perf_counter() - started
     job_s = time.perf_counter() - started - graph_s  # the runner: translation, workers, every step
     if dry_run:
