@@ -215,6 +215,14 @@ def pad_collate(examples: list[dict], pad_token_id: int) -> dict:
         fill = pad_token_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
         rows = [torch.nn.functional.pad(e[key], (0, length - len(e[key])), value=fill) for e in examples]
         batch[key] = torch.stack(rows)
+    return _with_per_image_inputs(batch, examples)
+
+
+def _with_per_image_inputs(batch: dict, examples: list[dict]) -> dict:
+    """The batch plus every non-sequence input (pixel_values, image_grid_thw, ...) concatenated in
+    sample order, so each image still meets its own image tokens."""
+    import torch
+
     for key in examples[0]:
         if key in SEQUENCE_KEYS or key.startswith("_"):
             continue
@@ -270,10 +278,4 @@ def pack_collate(packs: list[list[dict]], pad_token_id: int, flatten: bool = Fal
         batch[key] = torch.stack(padded)
     batch["_seq_lens"] = [r["_seq_lens"] + ([length - len(r["input_ids"])] if length > len(r["input_ids"]) else [])
                          for r in rows]
-    examples = [e for pack in packs for e in pack]
-    for key in examples[0]:
-        if key in SEQUENCE_KEYS or key.startswith("_"):
-            continue
-        values = [e[key] for e in examples]
-        batch[key] = torch.cat(values, dim=0) if hasattr(values[0], "dim") else values
-    return batch
+    return _with_per_image_inputs(batch, [e for pack in packs for e in pack])
