@@ -90,6 +90,7 @@ class MetaStage(Stage):
         self.version = spec["version"]
         if "structures" in spec:
             self.structures = {name: tuple(units) for name, units in spec["structures"].items()}
+            self._options_by_shape: dict = {}  # which levels a claim names -> its structures
             self._compiled = {
                 unit: {"requires": body["requires"], "establishes": frozenset(body["establishes"]),
                        "questions": [env.from_string(q) for q in body["questions"]],
@@ -155,10 +156,19 @@ class MetaStage(Stage):
         needed = {"country", "coords"} | {lv for lv in ("region", "city") if claim[lv]}
         return kept if needed <= established else ()
 
+    def _options(self, claim: dict) -> list:
+        """(structure, its units) the claim allows. They depend only on which levels the claim
+        names, so each of the few shapes is worked out once per worker."""
+        shape = tuple(bool(claim[level]) for level in ("continent", "country", "region", "city"))
+        options = self._options_by_shape.get(shape)
+        if options is None:
+            options = [(name, self._units_for(claim, units)) for name, units in self.structures.items()]
+            options = self._options_by_shape[shape] = [(name, units) for name, units in options if units]
+        return options
+
     def _process_v2(self, record: Record) -> Record:
         claim = claims(record.location)
-        options = [(name, self._units_for(claim, units)) for name, units in self.structures.items()]
-        options = [(name, units) for name, units in options if units]
+        options = self._options(claim)
         name, units = options[pick(record.key, "meta-structure", len(options))]
         fmt = COORD_FORMATS[pick(record.key, "meta-coords", len(COORD_FORMATS))]
         values = {"continent": claim["continent"] or "the world", "country": claim["country"],
