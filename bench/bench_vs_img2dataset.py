@@ -10,7 +10,10 @@ server (tests/http_photo_server.py) and compared three ways, each with 2 process
       files; img2dataset fetches with urllib, which opens file:// URLs, so it reads them from disk.
 Every contender runs as its own command in a fresh process (`img2dataset ...`, `mg-geo build ...`),
 timed from start to exit, imports included: what a user waits for; --baseline N0 also reports the
-throughput at the margin, with each command's fixed start-up cost apart. This script imports only
+throughput at the margin, with each command's fixed start-up cost apart, and the CPU seconds
+(user + sys, worker processes included) each photo costs at the margin: their ratio is the
+throughput ratio that perfectly busy cores would give, whatever either side's processes do with
+their time. This script imports only
 the standard library at its top (img2dataset's spawned workers re-import the main script). Throughput is input photos per wall second; ratios are ours /
 img2dataset's. --profile runs our build of the local files once more in-process under cProfile
 and prints where the time goes.
@@ -23,6 +26,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -72,13 +76,25 @@ def fresh(path: Path) -> Path:
     return path
 
 
+CPU_SECONDS: dict = {}  # log path -> CPU seconds (user + sys) of the command and all it waited for
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed_command(argv: list[str], log: Path) -> float:
-    """Wall seconds of one command in a fresh process (its output goes to `log`)."""
+    """Wall seconds of one command in a fresh process (its output goes to `log`); its CPU seconds,
+    its worker processes included (Beam's and img2dataset's both wait for theirs), go to
+    CPU_SECONDS."""
     env = dict(os.environ, **QUIET_ENV)
+    cpu = _children_cpu()
     start = time.perf_counter()
     with open(log, "w") as out:
         done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     wall = time.perf_counter() - start
+    CPU_SECONDS[str(log)] = _children_cpu() - cpu
     if done.returncode:
         sys.exit(f"{argv[0]} failed with status {done.returncode}; see {log}")
     return wall
@@ -151,6 +167,10 @@ def run_contenders(photos: Path, vs: Path, args) -> tuple[int, dict, dict]:
                                "conservation_ok": report["conservation_ok"], "stages": stage_seconds(report)}
     walls["c_img2dataset_files"], ok = img2dataset_alone(file_table, vs / "c-img2dataset-files", shard_args)
     details["c_img2dataset_files"] = {"ok": ok}
+    logs = {"a_img2dataset_http": "a-img2dataset-http", "b_ours_http": "b-build", "c_ours_files": "c-build",
+            "c_img2dataset_files": "c-img2dataset-files"}
+    for key, name in logs.items():
+        details[key]["cpu_s"] = round(CPU_SECONDS[str((vs / name).with_suffix(".log"))], 2)
     return n, walls, details
 
 
@@ -185,7 +205,7 @@ def main() -> int:
           f"each command in a fresh process", flush=True)
     base = None
     if args.baseline:
-        n0, walls0, _ = run_contenders(photos_dir(work, args.baseline, args.seed), vs / "baseline", args)
+        n0, walls0, details0 = run_contenders(photos_dir(work, args.baseline, args.seed), vs / "baseline", args)
         base = (n0, walls0)
         print(f"baseline, {n0} photos: " + ", ".join(f"{k} {v:.1f}s" for k, v in walls0.items()), flush=True)
     n, walls, details = run_contenders(photos_dir(work, args.n, args.seed), vs, args)
@@ -198,8 +218,11 @@ def main() -> int:
             n0, walls0 = base
             margin = (n - n0) / max(1e-9, wall - walls0[key])  # photos per second at the margin
             fixed = wall - n / margin                           # the wall time no photo accounts for
-            results[key].update(margin_img_per_s=round(margin, 2), fixed_s=round(fixed, 2))
-            line += f"   at the margin {margin:7.1f} img/s, fixed start-up {fixed:5.1f}s"
+            cpu_ms = 1000 * (details[key]["cpu_s"] - details0[key]["cpu_s"]) / (n - n0)
+            results[key].update(margin_img_per_s=round(margin, 2), fixed_s=round(fixed, 2),
+                                margin_cpu_ms_per_img=round(cpu_ms, 3))
+            line += (f"   at the margin {margin:7.1f} img/s, fixed start-up {fixed:5.1f}s, "
+                     f"CPU {cpu_ms:.2f} ms/img")
         print(line + (f"   stages: {details[key]['stages']}" if "stages" in details[key] else ""), flush=True)
     ratios = {"http": results["b_ours_http"]["img_per_s"] / results["a_img2dataset_http"]["img_per_s"],
               "files": results["c_ours_files"]["img_per_s"] / results["c_img2dataset_files"]["img_per_s"]}
@@ -211,6 +234,13 @@ def main() -> int:
                                   / results["c_img2dataset_files"]["margin_img_per_s"])
         print(f"ratio ours/img2dataset, fixed start-up apart: http {ratios['http_margin']:.2f}x, "
               f"files {ratios['files_margin']:.2f}x")
+        # CPU per photo at the margin: the throughput ratio that perfectly busy cores would give,
+        # whatever the runner or img2dataset's processes do with their time.
+        cpu = {k: results[k]["margin_cpu_ms_per_img"] for k in results}
+        ratios["http_cpu"] = cpu["a_img2dataset_http"] / cpu["b_ours_http"]
+        ratios["files_cpu"] = cpu["c_img2dataset_files"] / cpu["c_ours_files"]
+        print(f"ratio img2dataset's / our CPU per photo at the margin: http {ratios['http_cpu']:.2f}x, "
+              f"files {ratios['files_cpu']:.2f}x")
     print(json.dumps({"n": n, "baseline": args.baseline, "processes": args.processes, "threads": args.threads,
                       "cpus": os.cpu_count(), "ratios": {k: round(v, 3) for k, v in ratios.items()},
                       "results": results}))
