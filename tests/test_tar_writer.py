@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.io import shards
+from pipeline.io import shards, tar_writer
 from pipeline.core.record import Record, make_key
 from pipeline.io.tar_writer import ShardTarWriter
 
@@ -29,8 +29,9 @@ def _samples():
         {"__key__": "d" * 110 + "-0123456789ab", "jpg": memoryview(b"long name"), "json": b"{}"},
         {"__key__": "e-000000000005", "jpg": b"x" * 511, "json": b"y" * 513, "__url__": "skipped",
          "_meta": b"not written"},
-        # more than the writer's buffer (pipeline.io.tar_writer.WRITE_BUFFER): passed on in pieces
+        # more than the writer's buffer (pipeline.io.tar_writer.WRITE_BUFFER): passed on as it is
         {"__key__": "f-000000000006", "jpg": bytes(range(251)) * 6000, "json": b"{}"},
+        {"__key__": "g-\u00e9t\u00e9-000000000007", "jpg": b"non-ASCII name: a PAX header", "json": b"{}"},
     ]
 
 
@@ -56,6 +57,31 @@ def test_bytes_and_sizes_match_webdataset_tarwriter():
     assert our_sizes == their_sizes
     assert ours == theirs
     assert len(ours) % 10240 == 0
+
+
+class _WriteOnly:
+    """An upload stream's surface: write only (no tell, no seek); remembers each write's size."""
+
+    def __init__(self):
+        self.data, self.writes = bytearray(), []
+
+    def write(self, data) -> int:
+        self.data += data
+        self.writes.append(len(data))
+        return len(data)
+
+
+def test_write_only_stream_gets_the_same_bytes_in_large_writes():
+    many = [{"__key__": f"k-{i:012x}", "jpg": bytes([i % 256]) * (40_000 + i), "json": b"{}"} for i in range(60)]
+    sink = _WriteOnly()
+    with ShardTarWriter(sink, mtime=0) as writer:
+        for sample in many + _samples():
+            writer.write(dict(sample))
+    assert bytes(sink.data) == _with_webdataset(many + _samples())[0]
+    assert len(sink.writes) > 2
+    # Few large writes: a small one only at the end or just before a piece passed on as it is.
+    big = tar_writer.WRITE_BUFFER
+    assert all(size >= big or after >= big for size, after in zip(sink.writes, sink.writes[1:]))
 
 
 def test_empty_shard_matches_webdataset_tarwriter():

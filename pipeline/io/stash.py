@@ -122,7 +122,8 @@ def _read(stream, span: str, split: str | None) -> Record:
     else:
         data = stream.read()
     whole: Record = pickle.loads(data)
-    return whole.replace(split=split)
+    whole.split = split  # a fresh object no one else holds: set, not dataclasses.replace's copy
+    return whole
 
 
 class StashReader:

@@ -7,15 +7,17 @@ encoder=False)` (tests/test_tar_writer.py compares them): members `KEY.EXT` in s
 mode 0o444, owner bigdata:bigdata, uid/gid 0, a fixed mtime, Python's default tar format (PAX,
 which for short ASCII names writes plain ustar headers), padded to a whole tar record on close.
 
-webdataset opens the tar as a stream (`w|`); tarfile's stream mode then hands the file 10 KiB
-blocks, a write call each (with a copy of the rest of its buffer each time). Here the plain `w`
-mode writes the same bytes through _Buffered, which passes them on in writes of WRITE_BUFFER bytes
-and answers tarfile's one question about the position (an object store's upload stream may not
-tell).
+Each member is written as tarfile's `TarFile.addfile` writes it: the header from
+`TarInfo.tobuf()` (tarfile still encodes it, with the defaults a TarFile uses: PAX format), then
+the contents and NUL padding to a whole 512-byte block; closing adds the two zero blocks and pads
+to a whole record, as `TarFile.close` does. addfile would copy the contents out of a file object
+in 16 KiB reads, and a buffer behind it copied them twice more; here pieces smaller than
+WRITE_BUFFER (headers, padding, a sample's jpg and json) are collected and passed on joined, in
+writes of about WRITE_BUFFER bytes, and a larger piece is passed on as it is. A local file or an
+object store's upload stream gets few large writes, not several small ones per sample.
 """
 from __future__ import annotations
 
-import io
 import tarfile
 
 USER = GROUP = "bigdata"
@@ -23,31 +25,8 @@ MODE = 0o444
 
 
 WRITE_BUFFER = 1 << 20
-
-
-class _Buffered:
-    """Write-only: collects writes and passes them on WRITE_BUFFER bytes at a time (`flush` for the
-    rest); knows how many bytes went through (tarfile's `w` mode asks once)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.buffer = bytearray()
-        self.written = 0
-
-    def write(self, data) -> int:
-        self.buffer += data
-        self.written += len(data)
-        if len(self.buffer) >= WRITE_BUFFER:
-            self.flush()
-        return len(data)
-
-    def flush(self) -> None:
-        if self.buffer:
-            self.stream.write(bytes(self.buffer))
-            self.buffer = bytearray()
-
-    def tell(self) -> int:
-        return self.written
+BLOCK = 512  # a tar block: a header, and the unit contents are padded to (tarfile.BLOCKSIZE)
+RECORD = 20 * BLOCK  # a whole archive is padded to a multiple of this (tarfile.RECORDSIZE)
 
 
 class ShardTarWriter:
@@ -56,9 +35,11 @@ class ShardTarWriter:
     Closing ends the archive but leaves the stream open; the caller owns it."""
 
     def __init__(self, stream, mtime: int = 0):
+        self.stream = stream
         self.mtime = mtime
-        self.out = _Buffered(stream)
-        self.tar = tarfile.open(fileobj=self.out, mode="w")  # the bytes of webdataset's "w|"
+        self.offset = 0  # bytes of the archive so far
+        self.pending: list = []  # small pieces not yet passed on, self.pending_bytes in all
+        self.pending_bytes = 0
 
     def __enter__(self):
         return self
@@ -78,16 +59,35 @@ class ShardTarWriter:
         key = sample["__key__"]
         total = 0
         for ext in sorted(members):
-            data = bytes(members[ext])
+            data = bytes(members[ext])  # no copy for bytes; a memoryview's len may not count bytes
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
             info.mtime = self.mtime
             info.mode = MODE
             info.uname, info.gname = USER, GROUP
-            self.tar.addfile(info, io.BytesIO(data))
+            self._put(info.tobuf())
+            self._put(data)
+            self._put(bytes(-info.size % BLOCK))
             total += info.size
+        if self.pending_bytes >= WRITE_BUFFER:
+            self._flush()
         return total
 
     def close(self) -> None:
-        self.tar.close()
-        self.out.flush()
+        self._put(bytes(2 * BLOCK))  # the end-of-archive marker
+        self._put(bytes(-self.offset % RECORD))
+        self._flush()
+
+    def _put(self, piece: bytes) -> None:
+        self.offset += len(piece)
+        if len(piece) >= WRITE_BUFFER:
+            self._flush()  # what came before it first
+            self.stream.write(piece)
+        elif piece:
+            self.pending.append(piece)
+            self.pending_bytes += len(piece)
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.stream.write(b"".join(self.pending))
+            self.pending, self.pending_bytes = [], 0
