@@ -13,8 +13,8 @@ timed from start to exit, imports included: what a user waits for; --baseline N0
 throughput at the margin, with each command's fixed start-up cost apart, and the CPU seconds
 (user + sys, worker processes included) each photo costs at the margin: their ratio is the
 throughput ratio that perfectly busy cores would give, whatever either side's processes do with
-their time. This script imports only
-the standard library at its top (img2dataset's spawned workers re-import the main script). Throughput is input photos per wall second; ratios are ours /
+their time. This script imports only the standard library at its top (img2dataset's spawned
+workers re-import the main script). Throughput is input photos per wall second; ratios are ours /
 img2dataset's. --profile runs our build of the local files once more in-process under cProfile
 and prints where the time goes.
 
@@ -76,33 +76,30 @@ def fresh(path: Path) -> Path:
     return path
 
 
-CPU_SECONDS: dict = {}  # log path -> CPU seconds (user + sys) of the command and all it waited for
-
-
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-def timed_command(argv: list[str], log: Path) -> float:
-    """Wall seconds of one command in a fresh process (its output goes to `log`); its CPU seconds,
-    its worker processes included (Beam's and img2dataset's both wait for theirs), go to
-    CPU_SECONDS."""
+def timed_command(argv: list[str], log: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one command in a fresh process (its output goes to `log`);
+    CPU is user + sys of the command and its worker processes (Beam and img2dataset both wait for
+    theirs)."""
     env = dict(os.environ, **QUIET_ENV)
     cpu = _children_cpu()
     start = time.perf_counter()
     with open(log, "w") as out:
         done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     wall = time.perf_counter() - start
-    CPU_SECONDS[str(log)] = _children_cpu() - cpu
+    cpu = _children_cpu() - cpu
     if done.returncode:
         sys.exit(f"{argv[0]} failed with status {done.returncode}; see {log}")
-    return wall
+    return wall, cpu
 
 
-def img2dataset_alone(table: Path, out: Path, args) -> tuple[float, int]:
+def img2dataset_alone(table: Path, out: Path, args) -> tuple[float, dict]:
     """img2dataset's own command, as its README runs it."""
-    wall = timed_command([
+    wall, cpu = timed_command([
         str(BIN / "img2dataset"), f"--url_list={table}", "--input_format=parquet", "--url_col=url",
         '--save_additional_columns=["id","lat","lon"]', f"--output_folder={fresh(out)}",
         "--output_format=webdataset", f"--image_size={args.side}", "--resize_mode=keep_ratio_largest",
@@ -110,17 +107,20 @@ def img2dataset_alone(table: Path, out: Path, args) -> tuple[float, int]:
         f"--number_sample_per_shard={args.samples_per_shard}", f"--timeout={args.timeout}",
         "--enable_wandb=False", "--distributor=multiprocessing"], out.with_suffix(".log"))
     ok = sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
-    return wall, ok
+    return wall, {"ok": ok, "cpu_s": round(cpu, 2)}
 
 
 def our_build(sources: list[str], out: Path, args, extra: list[str] = ()) -> tuple[float, dict]:
-    """`mg-geo build`, 2 workers on the local runner; returns its wall time and report.json."""
+    """`mg-geo build`, 2 workers on the local runner: (wall time, what its report.json says)."""
     argv = [str(BIN / "mg-geo"), "build", "--out", str(fresh(out)), "--max-side", str(args.side), *extra]
     for source in sources:
         argv += ["--source", source]
     argv += [f"--direct_num_workers={args.processes}", "--direct_running_mode=multi_processing"]
-    wall = timed_command(argv, out.with_suffix(".log"))
-    return wall, json.loads((out / "report.json").read_text())
+    wall, cpu = timed_command(argv, out.with_suffix(".log"))
+    report = json.loads((out / "report.json").read_text())
+    return wall, {"samples": report["samples"].get("meta", {}).get("total", 0),
+                          "conservation_ok": report["conservation_ok"], "stages": stage_seconds(report),
+                          "cpu_s": round(cpu, 2)}
 
 
 def profile_build(source: str, out: Path, top: int) -> None:
@@ -155,22 +155,14 @@ def run_contenders(photos: Path, vs: Path, args) -> tuple[int, dict, dict]:
         n, http_table, file_table = write_tables(photos, server.base, vs / "tables")
         per_shard = args.samples_per_shard or max(100, min(10_000, -(-n // 8)))  # pipeline.io.download.shard_size
         shard_args = argparse.Namespace(**{**vars(args), "samples_per_shard": per_shard})
-        walls["a_img2dataset_http"], ok = img2dataset_alone(http_table, vs / "a-img2dataset-http", shard_args)
-        details["a_img2dataset_http"] = {"ok": ok}
-        walls["b_ours_http"], report = our_build([f"table:{http_table}"], vs / "b-build", args, [
+        walls["a_img2dataset_http"], details["a_img2dataset_http"] = img2dataset_alone(
+            http_table, vs / "a-img2dataset-http", shard_args)
+        walls["b_ours_http"], details["b_ours_http"] = our_build([f"table:{http_table}"], vs / "b-build", args, [
             "--download", f"--download-processes={args.processes}", f"--download-threads={args.threads}",
             f"--download-timeout={args.timeout}"])
-    details["b_ours_http"] = {"samples": report["samples"].get("meta", {}).get("total", 0),
-                              "conservation_ok": report["conservation_ok"], "stages": stage_seconds(report)}
-    walls["c_ours_files"], report = our_build([f"exif:{photos}"], vs / "c-build", args)
-    details["c_ours_files"] = {"samples": report["samples"].get("meta", {}).get("total", 0),
-                               "conservation_ok": report["conservation_ok"], "stages": stage_seconds(report)}
-    walls["c_img2dataset_files"], ok = img2dataset_alone(file_table, vs / "c-img2dataset-files", shard_args)
-    details["c_img2dataset_files"] = {"ok": ok}
-    logs = {"a_img2dataset_http": "a-img2dataset-http", "b_ours_http": "b-build", "c_ours_files": "c-build",
-            "c_img2dataset_files": "c-img2dataset-files"}
-    for key, name in logs.items():
-        details[key]["cpu_s"] = round(CPU_SECONDS[str((vs / name).with_suffix(".log"))], 2)
+    walls["c_ours_files"], details["c_ours_files"] = our_build([f"exif:{photos}"], vs / "c-build", args)
+    walls["c_img2dataset_files"], details["c_img2dataset_files"] = img2dataset_alone(
+        file_table, vs / "c-img2dataset-files", shard_args)
     return n, walls, details
 
 
